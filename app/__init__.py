@@ -1,0 +1,1 @@
+"""bgjobs-server: an HTTP job queue with leases, retries and history."""

@@ -1,0 +1,89 @@
+"""The one place where domain errors and bad input become HTTP statuses."""
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app.api.schemas import ErrorOut, ValidationErrorOut
+from app.queue.errors import (
+    Conflict,
+    InvalidCursor,
+    NotFound,
+    PayloadTooLarge,
+    QueueError,
+    StorageUnavailable,
+)
+
+STATUS: dict[type[QueueError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    PayloadTooLarge: 413,
+    InvalidCursor: 422,
+    StorageUnavailable: 503,
+}
+
+_DESCRIPTIONS = {
+    404: "Unknown job or lease.",
+    409: "The job's current state forbids this (details in `detail`).",
+    413: "The payload is over the configured size limit.",
+    422: "Invalid input: malformed JSON, a wrong type, an out-of-range value or an unknown field.",
+    503: "The database is unavailable; retry later.",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer, so clients know them."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in (*statuses, 422, 503):
+        model = ValidationErrorOut if status == 422 else ErrorOut
+        out[status] = {"model": model, "description": _DESCRIPTIONS[status]}
+    return out
+
+
+def status_of(error: QueueError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]  # type: ignore[index]
+    return 500
+
+
+async def queue_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, QueueError)
+    status = status_of(exc)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "json_invalid":
+        return f"malformed JSON: {error.get('ctx', {}).get('error', 'cannot be parsed')}"
+    if kind == "missing" and tuple(error["loc"]) == ("body",):
+        return "a JSON request body is required"
+    if kind == "extra_forbidden":
+        return f"{where}: unknown field (check its spelling against the API spec)"
+    if kind == "string_pattern_mismatch":
+        return f"{where}: a job name is 1..255 characters of A-Z a-z 0-9 _ . : -"
+    if kind in ("model_attributes_type", "dict_type"):
+        return f"{where}: must be a JSON object"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}"
+
+
+async def invalid_input(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": [p if isinstance(p, int) else str(p) for p in e["loc"]],
+         "msg": _describe(e), "type": e["type"]}
+        for e in exc.errors()
+    ]
+    detail = "; ".join(e["msg"] for e in errors) or "invalid request"
+    return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(QueueError, queue_error)
+    app.add_exception_handler(RequestValidationError, invalid_input)

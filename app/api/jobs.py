@@ -1,0 +1,122 @@
+"""/jobs: enqueue, look up, list, cancel and retry jobs."""
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query, Response
+
+from app.api.deps import Service
+from app.api.errors import responses
+from app.api.schemas import (
+    AnyJobOut,
+    EnqueueRequest,
+    FailedJobPage,
+    JobOut,
+    JobPage,
+    SucceededJobPage,
+)
+from app.queue.models import AnyJob, Job
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+NameFilter = Annotated[
+    str | None,
+    Query(pattern=r"^[A-Za-z0-9_.:\-]{1,255}$", description="Only jobs of this name."),
+]
+Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
+Cursor = Annotated[
+    str | None,
+    Query(max_length=1024, description="The `next_cursor` of the previous page."),
+]
+JobId = Annotated[str, Path(max_length=1024, description="The job id.")]
+
+
+@router.post(
+    "",
+    status_code=201,
+    operation_id="enqueue_job",
+    summary="Enqueue a job",
+    response_description="The job, pending. `Location` names its URL.",
+    responses=responses(413),
+)
+async def enqueue_job(body: EnqueueRequest, response: Response, service: Service) -> JobOut:
+    """Commit a job (a 201 means it is durable). Availability is now unless `available_at`
+    or `available_in_ms` is given."""
+    job = await service.enqueue(
+        body.name, body.payload, body.max_retries, body.available_at, body.available_in_ms
+    )
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return JobOut.model_validate(job)
+
+
+@router.get("", operation_id="list_jobs", summary="List pending jobs", responses=responses())
+async def list_jobs(
+    service: Service,
+    state: Annotated[
+        Literal["available", "scheduled", "reserved"] | None,
+        Query(description="Only jobs in this state; all pending jobs when omitted."),
+    ] = None,
+    name: NameFilter = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> JobPage:
+    """Pending jobs ordered by `available_at` (oldest first)."""
+    page = await service.list_pending(state, name, limit, cursor)
+    return JobPage(items=[JobOut.model_validate(j) for j in page.items],
+                   next_cursor=page.next_cursor)
+
+
+@router.get(
+    "/succeeded",
+    operation_id="list_succeeded_jobs",
+    summary="List succeeded jobs",
+    responses=responses(),
+)
+async def list_succeeded_jobs(
+    service: Service, name: NameFilter = None, limit: Limit = 50, cursor: Cursor = None
+) -> SucceededJobPage:
+    """Newest first by `succeeded_at`; walking the cursors returns each row once."""
+    page = await service.list_succeeded(name, limit, cursor)
+    return SucceededJobPage.model_validate(page, from_attributes=True)
+
+
+@router.get(
+    "/failed", operation_id="list_failed_jobs", summary="List failed jobs", responses=responses()
+)
+async def list_failed_jobs(
+    service: Service, name: NameFilter = None, limit: Limit = 50, cursor: Cursor = None
+) -> FailedJobPage:
+    """Newest first by `failed_at`; walking the cursors returns each row once."""
+    page = await service.list_failed(name, limit, cursor)
+    return FailedJobPage.model_validate(page, from_attributes=True)
+
+
+@router.get("/{job_id}", operation_id="get_job", summary="Get a job", responses=responses(404))
+async def get_job(job_id: JobId, service: Service) -> AnyJobOut:
+    """The job in whatever state it is now, succeeded and failed included."""
+    job: AnyJob = await service.get(job_id)
+    return job  # type: ignore[return-value]
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    operation_id="delete_job",
+    summary="Cancel a pending job or delete a finished one",
+    responses=responses(404, 409),
+)
+async def delete_job(job_id: JobId, service: Service) -> Response:
+    """A reserved job is a 409: its worker holds it."""
+    await service.cancel(job_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{job_id}/retry",
+    operation_id="retry_job",
+    summary="Retry a failed job",
+    responses=responses(404, 409),
+)
+async def retry_job(job_id: JobId, service: Service) -> JobOut:
+    """Back to pending, available now, with `attempts` 0 and the same id, name and payload."""
+    job: Job = await service.retry(job_id)
+    return JobOut.model_validate(job)

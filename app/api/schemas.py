@@ -1,0 +1,335 @@
+"""Request and response bodies: strict JSON in, UTC timestamps with microseconds out."""
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
+
+EXAMPLE_TIME = "2026-11-28T15:04:05.123456Z"
+EXAMPLE_JOB_ID = "019ac5a1b2c3d4e5f6a7b8c9d0e1f2a3"
+EXAMPLE_LEASE_ID = EXAMPLE_JOB_ID + ".1"
+
+
+def format_timestamp(moment: datetime) -> str:
+    """`YYYY-MM-DDTHH:MM:SS.ffffffZ`: one fixed shape, so clients can even compare strings."""
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?P<frac>\.\d+)?(?P<offset>[Zz]|[+-]\d{2}:\d{2})?"
+)
+
+
+def parse_timestamp(value: object) -> datetime:
+    """An RFC 3339 string with an offset; a naive time would mean a different moment per host."""
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 timestamp string such as '2026-01-01T12:00:00Z'")
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ValueError(f"{value[:64]!r} is not an RFC 3339 timestamp such as '2026-01-01T12:00:00Z'")
+    if match["offset"] is None:
+        raise ValueError(f"{value!r} has no UTC offset: add 'Z' or an offset such as '+02:00'")
+    frac = match["frac"] or ""
+    text = value[: match.start("frac")] + frac[:7] + value[match.end("frac") :] if frac else value
+    try:
+        return datetime.fromisoformat(text).astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"{value!r} is not a valid time in years 0001..9999 (UTC)") from exc
+
+
+def _payload(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(
+            "payload must be a string: encode structured data as text first "
+            "(for example JSON-encode it, so {\"a\": 1} becomes \"{\\\"a\\\": 1}\")"
+        )
+    return value
+
+
+def _exception_size(value: str) -> str:
+    if len(value.encode()) > 65536:
+        raise ValueError("exception text is over 64 KiB of UTF-8; truncate it")
+    return value
+
+
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(format_timestamp, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time", "example": EXAMPLE_TIME}),
+]
+InputTimestamp = Annotated[
+    datetime,
+    PlainValidator(parse_timestamp),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "date-time",
+            "description": "RFC 3339 with an offset (Z or ±HH:MM), years 0001..9999.",
+            "example": "2026-12-01T09:00:00Z",
+        }
+    ),
+]
+JobName = Annotated[
+    str,
+    StringConstraints(strict=True, pattern=r"^[A-Za-z0-9_.:\-]{1,255}$"),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[A-Za-z0-9_.:\-]{1,255}$",
+            "minLength": 1,
+            "maxLength": 255,
+            "description": "1..255 characters of A-Z a-z 0-9 _ . : -",
+            "example": "send_email",
+        }
+    ),
+]
+Payload = Annotated[
+    str,
+    PlainValidator(_payload),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "description": "Opaque to the server; encode structured data as a string.",
+            "example": '{"to": "ada@example.com"}',
+        }
+    ),
+]
+
+
+def strict_int(ge: int, le: int, **kwargs: Any) -> Any:
+    """A JSON integer in [ge, le]: no strings, booleans or floats (pydantic would coerce them)."""
+    return Field(ge=ge, le=le, strict=True, **kwargs)
+
+
+class StrictBody(BaseModel):
+    """Request bodies reject unknown fields: a typo must not silently mean a default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class EnqueueRequest(StrictBody):
+    """bg_jobs' JobEnqueueRequest; availability is now, `available_at` or `available_in_ms`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "send_email", "payload": '{"to": "ada@example.com"}'},
+                {"name": "report.daily", "payload": "2026-11-28", "available_in_ms": 60000},
+                {"name": "reminder", "payload": "42", "available_at": "2026-12-01T09:00:00Z",
+                 "max_retries": 5},
+            ]
+        }
+    )
+
+    name: JobName
+    payload: Payload
+    available_at: InputTimestamp | None = Field(
+        default=None, description="Run no earlier than this time (AvailableAt)."
+    )
+    available_in_ms: int | None = strict_int(
+        0, 31_536_000_000, default=None, description="Run after this many ms (AvailableIn)."
+    )
+    max_retries: int = strict_int(
+        0, 100, default=3, description="Retries after the first run: at most 1 + max_retries runs."
+    )
+
+    @model_validator(mode="after")
+    def _one_availability(self) -> "EnqueueRequest":
+        if self.available_at is not None and self.available_in_ms is not None:
+            raise ValueError("give either available_at or available_in_ms, not both")
+        return self
+
+
+class LeaseRequest(StrictBody):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"worker_id": "worker-1", "names": ["send_email"], "max_jobs": 10,
+                 "wait_ms": 30000, "lease_ms": 60000}
+            ]
+        }
+    )
+
+    worker_id: str = Field(min_length=1, max_length=255, strict=True,
+                           description="Who holds the lease; stored as the job's reserved_by.")
+    names: list[JobName] = Field(min_length=1, max_length=100, strict=True,
+                                 description="The job names this worker handles.")
+    max_jobs: int = strict_int(1, 100, default=1, description="Reserve up to this many jobs.")
+    wait_ms: int = strict_int(
+        0, 60_000, default=0, description="Long poll: wait up to this long for a job."
+    )
+    lease_ms: int = strict_int(
+        1000, 86_400_000, default=30_000,
+        description="The lease expires this long after it is granted unless extended.",
+    )
+
+
+class FailRequest(StrictBody):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"exception": "SMTP timeout", "retry_in_ms": 5000}]}
+    )
+
+    exception: Annotated[str, AfterValidator(_exception_size)] = Field(
+        max_length=65536, strict=True, description="What went wrong (up to 64 KiB of UTF-8)."
+    )
+    retry_in_ms: int | None = strict_int(
+        0, 2_592_000_000, default=None,
+        description="Retry after this long instead of the default exponential backoff.",
+    )
+
+
+class ExtendRequest(StrictBody):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"lease_ms": 60000}]})
+
+    lease_ms: int = strict_int(1000, 86_400_000, description="The lease now ends this long from now.")
+
+
+class JobOut(BaseModel):
+    """A pending job: available, scheduled (available_at in the future) or reserved."""
+
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {"id": EXAMPLE_JOB_ID, "name": "send_email", "payload": '{"to": "ada@example.com"}',
+                 "attempts": 0, "max_retries": 3, "created_at": EXAMPLE_TIME,
+                 "available_at": EXAMPLE_TIME, "reserved_at": None, "reserved_by": None,
+                 "state": "available"}
+            ]
+        },
+    )
+
+    id: str
+    name: str
+    payload: str
+    attempts: int = Field(description="Runs started so far (grows when the job is leased).")
+    max_retries: int
+    created_at: Timestamp
+    available_at: Timestamp
+    reserved_at: Timestamp | None
+    reserved_by: str | None
+    state: Literal["available", "scheduled", "reserved"]
+
+
+class SucceededJobOut(BaseModel):
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {"id": EXAMPLE_JOB_ID, "name": "send_email", "payload": "{}", "attempts": 1,
+                 "created_at": EXAMPLE_TIME, "available_at": EXAMPLE_TIME,
+                 "succeeded_at": EXAMPLE_TIME, "state": "succeeded"}
+            ]
+        },
+    )
+
+    id: str
+    name: str
+    payload: str
+    attempts: int
+    created_at: Timestamp
+    available_at: Timestamp
+    succeeded_at: Timestamp
+    state: Literal["succeeded"] = "succeeded"
+
+
+class FailedJobOut(BaseModel):
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {"id": EXAMPLE_JOB_ID, "name": "send_email", "payload": "{}", "attempts": 4,
+                 "exception": "SMTP timeout", "created_at": EXAMPLE_TIME,
+                 "available_at": EXAMPLE_TIME, "failed_at": EXAMPLE_TIME, "state": "failed"}
+            ]
+        },
+    )
+
+    id: str
+    name: str
+    payload: str
+    attempts: int
+    exception: str
+    created_at: Timestamp
+    available_at: Timestamp
+    failed_at: Timestamp
+    state: Literal["failed"] = "failed"
+
+
+AnyJobOut = Annotated[JobOut | SucceededJobOut | FailedJobOut, Field(discriminator="state")]
+
+
+class LeaseOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(description="The lease id: ack, fail, extend or release with it.",
+                    examples=[EXAMPLE_LEASE_ID])
+    expires_at: Timestamp
+    job: JobOut
+
+
+class LeasesOut(BaseModel):
+    leases: list[LeaseOut] = Field(description="Empty when the wait ended with no job.")
+
+
+class RetryingOut(BaseModel):
+    outcome: Literal["retrying"] = "retrying"
+    job: JobOut
+
+
+class BuriedOut(BaseModel):
+    outcome: Literal["failed"] = "failed"
+    job: FailedJobOut
+
+
+FailOut = Annotated[RetryingOut | BuriedOut, Field(discriminator="outcome")]
+
+
+class ExtendOut(BaseModel):
+    id: str = Field(examples=[EXAMPLE_LEASE_ID])
+    expires_at: Timestamp
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+
+
+class SucceededJobPage(BaseModel):
+    items: list[SucceededJobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+
+
+class FailedJobPage(BaseModel):
+    items: list[FailedJobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(examples=["job '0193' not found"])
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorOut(BaseModel):
+    detail: str = Field(examples=["body.payload: payload must be a string"])
+    errors: list[FieldError]
+
+
+class Status(BaseModel):
+    status: str = Field(examples=["ok"])

@@ -1,0 +1,77 @@
+"""Wires settings, storage, notifier, service and routes into the ASGI app `app.main:app`."""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from app.api import errors, health, jobs, leases
+from app.queue.clock import Clock, SystemClock
+from app.queue.notifier import Notifier
+from app.queue.service import Limits, QueueService
+from app.settings import Settings
+from app.storage import open_storage
+
+DESCRIPTION = """\
+An HTTP job queue. Producers enqueue jobs with `POST /jobs`; workers long-poll
+`POST /leases` to reserve them, then ack, fail, extend or release each lease; dashboards
+list pending, succeeded and failed jobs.
+
+Timestamps in responses are UTC as `YYYY-MM-DDTHH:MM:SS.ffffffZ`; timestamps in requests
+are RFC 3339 with an offset. Durations are integer milliseconds (`*_ms`). Errors are JSON
+with a human-readable `detail`.
+"""
+
+
+def _operation_id(route: APIRoute) -> str:
+    """Stable operation ids: generated clients name their functions after them."""
+    return route.operation_id or route.name
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    """Build the app; the database is opened at start-up, never at import."""
+    settings = settings or Settings()
+    clock = clock or SystemClock()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        storage = open_storage(
+            settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
+        )
+        await storage.start()
+        notifier = Notifier(clock)
+        limits = Limits(
+            max_payload_bytes=settings.max_payload_bytes,
+            retry_base_ms=settings.retry_base_ms,
+            retry_max_ms=settings.retry_max_ms,
+            poll_recheck_ms=settings.poll_recheck_ms,
+        )
+        service = QueueService(storage, notifier, clock, limits)
+        app.state.service = service
+        reaper = asyncio.create_task(service.reap_forever(settings.reaper_interval_ms / 1000))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            notifier.close()
+            await storage.close()
+
+    app = FastAPI(
+        title="bgjobs-server",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+    )
+    errors.install(app)
+    for module in (jobs, leases, health):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,1 @@
+"""Queue logic: the job lifecycle, written once, independent of HTTP and of the database."""

@@ -1,0 +1,29 @@
+"""One exception root for every domain error; the HTTP layer maps each class to a status once."""
+
+
+class QueueError(Exception):
+    """Base of all domain errors; `detail` is meant for the human reading the response."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(QueueError):
+    """The job or lease does not exist (or never did)."""
+
+
+class Conflict(QueueError):
+    """The request is valid but the job's current state forbids it."""
+
+
+class InvalidCursor(QueueError):
+    """A paging cursor this server did not issue for this list."""
+
+
+class PayloadTooLarge(QueueError):
+    """A job payload over the configured byte limit."""
+
+
+class StorageUnavailable(QueueError):
+    """The database cannot be reached or written right now; the request may be retried."""

@@ -1,0 +1,124 @@
+"""The domain types of bg_jobs (Job, SucceededJob, FailedJob) plus the lease that fences workers."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+PendingState = Literal["available", "scheduled", "reserved"]
+
+# Given a failed attempt's `attempts` and `max_retries`, when to run again (None: give up).
+RetryDecision = Callable[[int, int], datetime | None]
+
+
+def pending_state(available_at: datetime, reserved_at: datetime | None, now: datetime) -> PendingState:
+    """`scheduled` and `available` are one row; which one is a matter of the clock."""
+    if reserved_at is not None:
+        return "reserved"
+    return "scheduled" if available_at > now else "available"
+
+
+@dataclass(slots=True, frozen=True)
+class Job:
+    """A pending job: available, scheduled for later, or reserved by a worker's lease."""
+
+    id: str
+    name: str
+    payload: str
+    attempts: int
+    max_retries: int
+    created_at: datetime
+    available_at: datetime
+    reserved_at: datetime | None
+    reserved_by: str | None
+    state: PendingState
+
+
+@dataclass(slots=True, frozen=True)
+class SucceededJob:
+    id: str
+    name: str
+    payload: str
+    attempts: int
+    created_at: datetime
+    available_at: datetime
+    succeeded_at: datetime
+    state: Literal["succeeded"] = "succeeded"
+
+
+@dataclass(slots=True, frozen=True)
+class FailedJob:
+    id: str
+    name: str
+    payload: str
+    attempts: int
+    exception: str
+    created_at: datetime
+    available_at: datetime
+    failed_at: datetime
+    state: Literal["failed"] = "failed"
+
+
+AnyJob = Job | SucceededJob | FailedJob
+
+
+@dataclass(slots=True, frozen=True)
+class NewJob:
+    """A validated enqueue request with its id and times already decided."""
+
+    id: str
+    name: str
+    payload: str
+    max_retries: int
+    created_at: datetime
+    available_at: datetime
+
+
+@dataclass(slots=True, frozen=True)
+class Lease:
+    """A worker's time-limited claim on a reserved job; its id fences every later change."""
+
+    id: str
+    expires_at: datetime
+    job: Job
+
+
+@dataclass(slots=True, frozen=True)
+class ExpiredLease:
+    """A reserved job whose lease ran out: the reaper fails it on behalf of the lost worker."""
+
+    job_id: str
+    lease_id: str
+    name: str
+    reserved_by: str | None
+    expires_at: datetime
+
+
+@dataclass(slots=True, frozen=True)
+class Retrying:
+    """A failed attempt with retries left: the job is pending again."""
+
+    job: Job
+
+
+@dataclass(slots=True, frozen=True)
+class Buried:
+    """A failed attempt with no retries left: the job moved to the failed jobs."""
+
+    job: FailedJob
+
+
+FailOutcome = Retrying | Buried
+
+
+def lease_id_for(job_id: str, seq: int) -> str:
+    """Lease ids name their job and a per-job counter, so a stale one can be told from a made-up one."""
+    return f"{job_id}.{seq}"
+
+
+def parse_lease_id(lease_id: str) -> tuple[str, int] | None:
+    """The (job id, lease number) inside a lease id, or None if the server cannot have issued it."""
+    job_id, dot, seq = lease_id.rpartition(".")
+    if not dot or not job_id or not (seq.isascii() and seq.isdigit()) or len(seq) > 18 or seq.startswith("0"):
+        return None
+    return job_id, int(seq)

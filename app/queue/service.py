@@ -1,0 +1,320 @@
+"""The job lifecycle, written once.
+
+    enqueue -> scheduled -> (available_at reached) -> available -> lease -> reserved
+    reserved -> ack -> succeeded
+    reserved -> fail or lease expired, retries left -> pending again after a backoff
+    reserved -> fail or lease expired, no retries left -> failed
+    reserved -> release -> available (the attempt is not counted)
+    failed -> retry -> available, attempts 0
+
+`attempts` counts runs started (it grows when a job is leased), so a job runs at most
+1 + max_retries times. Every change to a reserved job names its lease; the storage applies
+it only while the job still holds that lease, and this module explains a refusal.
+"""
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+from datetime import datetime, timedelta
+
+from app.queue.backoff import backoff_ms
+from app.queue.clock import Clock
+from app.queue.cursor import decode_cursor, encode_cursor
+from app.queue.errors import Conflict, NotFound, PayloadTooLarge
+from app.queue.models import (
+    AnyJob,
+    FailedJob,
+    FailOutcome,
+    Job,
+    Lease,
+    NewJob,
+    PendingState,
+    Retrying,
+    SucceededJob,
+    parse_lease_id,
+)
+from app.queue.notifier import Notifier
+from app.storage.base import HistoryQuery, PendingQuery, Storage
+
+log = logging.getLogger("bgjobs.queue")
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    max_payload_bytes: int = 1024 * 1024
+    retry_base_ms: int = 1000
+    retry_max_ms: int = 3_600_000
+    poll_recheck_ms: int = 1000
+
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True, frozen=True)
+class Page(Generic[T]):
+    """One page of a list and the cursor of the next, None on the last page."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+def _page(items: list[T], limit: int, key: Callable[[T], str]) -> Page[T]:
+    """Storage is asked for limit + 1 rows: the extra one only tells that a next page exists."""
+    if len(items) <= limit:
+        return Page(items, None)
+    items = items[:limit]
+    return Page(items, key(items[-1]))
+
+
+def new_job_id() -> str:
+    """Time-ordered (48-bit milliseconds, then 80 random bits) so inserts land together."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+class QueueService:
+    def __init__(
+        self,
+        storage: Storage,
+        notifier: Notifier,
+        clock: Clock,
+        limits: Limits,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.storage = storage
+        self.notifier = notifier
+        self.clock = clock
+        self.limits = limits
+        self._rand = rand
+
+    # -- producers ----------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        name: str,
+        payload: str,
+        max_retries: int,
+        available_at: datetime | None = None,
+        available_in_ms: int | None = None,
+    ) -> Job:
+        """bg_jobs' JobAvailability: now (both None), at a time, or in N milliseconds."""
+        size = len(payload.encode())
+        if size > self.limits.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is {size} bytes of UTF-8; the limit is "
+                f"{self.limits.max_payload_bytes} bytes"
+            )
+        now = self.clock.now()
+        if available_at is None:
+            available_at = now + timedelta(milliseconds=available_in_ms or 0)
+        job = await self.storage.enqueue(
+            NewJob(new_job_id(), name, payload, max_retries, now, available_at), now
+        )
+        self._announce(name, available_at, now)
+        return job
+
+    def _announce(self, name: str, available_at: datetime, now: datetime) -> None:
+        if available_at <= now:
+            self.notifier.notify(name, 1)
+        else:
+            self.notifier.notify_at(name, available_at)
+
+    # -- workers ------------------------------------------------------------------------
+
+    async def lease(
+        self, worker_id: str, names: Sequence[str], max_jobs: int, wait_ms: int, lease_ms: int
+    ) -> list[Lease]:
+        """Reserve now, or wait up to `wait_ms` for a job to be enqueued or come due."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        with self.notifier.waiter(names) as waiter:
+            while True:
+                waiter.arm()
+                now = self.clock.now()
+                expires = now + timedelta(milliseconds=lease_ms)
+                leases = await self.storage.reserve(names, worker_id, max_jobs, now, expires)
+                remaining = deadline - loop.time()
+                if leases or remaining <= 0:
+                    return leases
+                await waiter.wait(await self._nap(names, remaining))
+
+    async def _nap(self, names: Sequence[str], remaining: float) -> float:
+        """How long a long-poll may sleep: until its deadline, the next job of its names
+        comes due, or the periodic re-check, whichever is first."""
+        nap = min(remaining, self.limits.poll_recheck_ms / 1000)
+        now = self.clock.now()
+        due = await self.storage.next_due(names, now)
+        if due is not None:
+            nap = min(nap, max(0.0, (due - now).total_seconds()))
+        return nap
+
+    async def ack(self, lease_id: str) -> SucceededJob:
+        job_id = self._job_of(lease_id)
+        done = await self.storage.ack(job_id, lease_id, self.clock.now())
+        if done is None:
+            raise await self._refusal(lease_id, job_id, "ack")
+        return done
+
+    async def fail(self, lease_id: str, exception: str, retry_in_ms: int | None) -> FailOutcome:
+        job_id = self._job_of(lease_id)
+        now = self.clock.now()
+        outcome = await self.storage.fail(
+            job_id, lease_id, now, exception, self._retry_decision(now, retry_in_ms)
+        )
+        if outcome is None:
+            raise await self._refusal(lease_id, job_id, "fail")
+        self._after_fail(outcome, now)
+        return outcome
+
+    def _retry_decision(
+        self, now: datetime, retry_in_ms: int | None
+    ) -> Callable[[int, int], datetime | None]:
+        """Retry while runs started (`attempts`) have not used up 1 + max_retries."""
+
+        def decide(attempts: int, max_retries: int) -> datetime | None:
+            if attempts > max_retries:
+                return None
+            delay = retry_in_ms
+            if delay is None:
+                limits = self.limits
+                delay = backoff_ms(attempts, limits.retry_base_ms, limits.retry_max_ms, self._rand)
+            return now + timedelta(milliseconds=delay)
+
+        return decide
+
+    def _after_fail(self, outcome: FailOutcome, now: datetime) -> None:
+        if isinstance(outcome, Retrying):
+            self._announce(outcome.job.name, outcome.job.available_at, now)
+
+    async def extend(self, lease_id: str, lease_ms: int) -> datetime:
+        """A heartbeat: the lease now ends `lease_ms` from now."""
+        job_id = self._job_of(lease_id)
+        expires = self.clock.now() + timedelta(milliseconds=lease_ms)
+        if not await self.storage.extend(job_id, lease_id, expires):
+            raise await self._refusal(lease_id, job_id, "extend")
+        return expires
+
+    async def release(self, lease_id: str) -> Job:
+        """Give a job back untouched, for a worker shutting down gracefully."""
+        job_id = self._job_of(lease_id)
+        job = await self.storage.release(job_id, lease_id, self.clock.now())
+        if job is None:
+            raise await self._refusal(lease_id, job_id, "release")
+        self.notifier.notify(job.name, 1)
+        return job
+
+    async def reap_expired(self, batch: int = 200) -> int:
+        """Fail every lease past its expiry, by the same path as an explicit fail."""
+        reaped = 0
+        while True:
+            now = self.clock.now()
+            expired = await self.storage.expired_leases(now, batch)
+            for lease in expired:
+                exception = (
+                    f"lease {lease.lease_id} expired at {lease.expires_at.isoformat()} "
+                    f"without ack or fail (held by worker {lease.reserved_by!r})"
+                )
+                outcome = await self.storage.fail(
+                    lease.job_id, lease.lease_id, now, exception,
+                    self._retry_decision(now, None), expired_before=now,
+                )
+                if outcome is not None:
+                    reaped += 1
+                    self._after_fail(outcome, now)
+            if len(expired) < batch:
+                return reaped
+
+    async def reap_forever(self, interval_s: float) -> None:
+        """The reaper: no job stays reserved for long after its lease expired."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reap_expired()
+            except Exception:  # keep reaping; the next tick retries what failed
+                log.exception("reaping expired leases failed")
+
+    def _job_of(self, lease_id: str) -> str:
+        parsed = parse_lease_id(lease_id)
+        if parsed is None:
+            raise NotFound(f"lease {lease_id!r} not found")
+        return parsed[0]
+
+    async def _refusal(self, lease_id: str, job_id: str, action: str) -> Exception:
+        """Why a change under `lease_id` was refused: never issued (404) or stale (409)."""
+        parsed = parse_lease_id(lease_id)
+        seq = parsed[1] if parsed else 0
+        where = await self.storage.lease_position(job_id)
+        if where is None or seq > where.lease_seq:
+            return NotFound(f"lease {lease_id!r} not found")
+        if where.table != "pending":
+            return Conflict(
+                f"cannot {action} lease {lease_id!r}: job {job_id} has already {where.table}"
+            )
+        if seq < where.lease_seq:
+            return Conflict(
+                f"cannot {action} lease {lease_id!r}: job {job_id} has been leased again since"
+            )
+        if where.lease_id is None:
+            return Conflict(f"cannot {action} lease {lease_id!r}: it was released")
+        return Conflict(
+            f"cannot {action} lease {lease_id!r}: it expired and job {job_id} was put back "
+            "in the queue"
+        )
+
+    # -- dashboards and administration --------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise StorageUnavailable unless the database answers."""
+        await self.storage.ping()
+
+    async def get(self, job_id: str) -> AnyJob:
+        job = await self.storage.get(job_id, self.clock.now())
+        if job is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return job
+
+    async def cancel(self, job_id: str) -> None:
+        """Delete a pending job or a finished job's record; a reserved job belongs to its worker."""
+        result = await self.storage.cancel(job_id)
+        if result == "reserved":
+            raise Conflict(
+                f"job {job_id} is reserved by a worker; wait for its lease to end, then delete it"
+            )
+        if result == "missing":
+            raise NotFound(f"job {job_id!r} not found")
+
+    async def retry(self, job_id: str) -> Job:
+        now = self.clock.now()
+        job = await self.storage.retry_failed(job_id, now)
+        if job is None:
+            current = await self.storage.get(job_id, now)
+            if current is None:
+                raise NotFound(f"job {job_id!r} not found")
+            raise Conflict(f"job {job_id} is {current.state}, not failed; only failed jobs retry")
+        self.notifier.notify(job.name, 1)
+        return job
+
+    async def list_pending(
+        self, state: PendingState | None, name: str | None, limit: int, cursor: str | None
+    ) -> Page[Job]:
+        after = decode_cursor("pending", cursor) if cursor else None
+        jobs = await self.storage.list_pending(
+            PendingQuery(state, name, limit + 1, after), self.clock.now()
+        )
+        return _page(jobs, limit, lambda j: encode_cursor("pending", j.available_at, j.id))
+
+    async def list_succeeded(
+        self, name: str | None, limit: int, cursor: str | None
+    ) -> Page[SucceededJob]:
+        before = decode_cursor("succeeded", cursor) if cursor else None
+        jobs = await self.storage.list_succeeded(HistoryQuery(name, limit + 1, before))
+        return _page(jobs, limit, lambda j: encode_cursor("succeeded", j.succeeded_at, j.id))
+
+    async def list_failed(self, name: str | None, limit: int, cursor: str | None) -> Page[FailedJob]:
+        before = decode_cursor("failed", cursor) if cursor else None
+        jobs = await self.storage.list_failed(HistoryQuery(name, limit + 1, before))
+        return _page(jobs, limit, lambda j: encode_cursor("failed", j.failed_at, j.id))

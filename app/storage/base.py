@@ -1,0 +1,115 @@
+"""The storage seam: operations the queue service needs, named after what they do.
+
+Every backend implements all of them with the same behaviour. Operations that change a
+reserved job take the lease id and change the row only while the job still holds that lease;
+they return None when it does not, and the service explains why.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
+
+from app.queue.models import (
+    AnyJob,
+    ExpiredLease,
+    FailedJob,
+    FailOutcome,
+    Job,
+    Lease,
+    NewJob,
+    PendingState,
+    RetryDecision,
+    SucceededJob,
+)
+
+CancelResult = Literal["deleted", "reserved", "missing"]
+
+
+@dataclass(slots=True, frozen=True)
+class LeasePosition:
+    """Where a job is now and which lease it last had: enough to explain a fenced-off request."""
+
+    table: Literal["pending", "succeeded", "failed"]
+    lease_seq: int
+    lease_id: str | None = None
+    reserved: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class PendingQuery:
+    state: PendingState | None
+    name: str | None
+    limit: int
+    after: tuple[datetime, str] | None  # keyset: (available_at, id) of the last row seen
+
+
+@dataclass(slots=True, frozen=True)
+class HistoryQuery:
+    name: str | None
+    limit: int
+    before: tuple[datetime, str] | None  # keyset: (finished_at, id) of the last row seen
+
+
+class Storage(Protocol):
+    async def start(self) -> None:
+        """Open connections and create the schema if needed."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StorageUnavailable unless the database answers."""
+
+    async def enqueue(self, job: NewJob, now: datetime) -> Job: ...
+
+    async def reserve(
+        self,
+        names: Sequence[str],
+        worker_id: str,
+        max_jobs: int,
+        now: datetime,
+        expires_at: datetime,
+    ) -> list[Lease]:
+        """Atomically lease up to `max_jobs` available jobs, oldest `available_at` first."""
+
+    async def next_due(self, names: Sequence[str], now: datetime) -> datetime | None:
+        """The earliest future `available_at` of an unreserved job of these names."""
+
+    async def ack(self, job_id: str, lease_id: str, now: datetime) -> SucceededJob | None:
+        """Move the job to the succeeded jobs if `lease_id` is still its lease."""
+
+    async def fail(
+        self,
+        job_id: str,
+        lease_id: str,
+        now: datetime,
+        exception: str,
+        decide: RetryDecision,
+        expired_before: datetime | None = None,
+    ) -> FailOutcome | None:
+        """Retry at `decide(...)` or move to the failed jobs; with `expired_before`, only a
+        reserved job whose lease expired by then (so a racing extend wins over the reaper)."""
+
+    async def extend(self, job_id: str, lease_id: str, expires_at: datetime) -> bool:
+        """Push back the expiry of a live lease."""
+
+    async def release(self, job_id: str, lease_id: str, now: datetime) -> Job | None:
+        """Give a reserved job back untouched: available again, this attempt not counted."""
+
+    async def expired_leases(self, now: datetime, limit: int) -> list[ExpiredLease]: ...
+
+    async def lease_position(self, job_id: str) -> LeasePosition | None: ...
+
+    async def get(self, job_id: str, now: datetime) -> AnyJob | None: ...
+
+    async def cancel(self, job_id: str) -> CancelResult:
+        """Delete a pending unreserved job, or a succeeded or failed job's record."""
+
+    async def retry_failed(self, job_id: str, now: datetime) -> Job | None:
+        """Move a failed job back to pending, available now, with attempts 0."""
+
+    async def list_pending(self, query: PendingQuery, now: datetime) -> list[Job]: ...
+
+    async def list_succeeded(self, query: HistoryQuery) -> list[SucceededJob]: ...
+
+    async def list_failed(self, query: HistoryQuery) -> list[FailedJob]: ...

@@ -1,0 +1,123 @@
+"""SQLModel tables: pending jobs, succeeded jobs and failed jobs (bg_jobs' three tables).
+
+A job moves between tables in one transaction. Besides bg_jobs' columns, each row keeps
+`lease_seq`, the number of the last lease issued for it, so a lease id can be judged stale
+("leased again", "already finished") rather than unknown.
+"""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Index, Text, text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out; stored with time zone where the database has one.
+
+    SQLite has no time zone type: values are stored as naive UTC text of fixed width, which
+    sorts correctly, and microseconds are kept on every backend.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _time(nullable: bool = False) -> Any:
+    return Field(sa_column=Column(UTCDateTime(), nullable=nullable))
+
+
+class JobRow(SQLModel, table=True):
+    """A pending job; `reserved_at IS NOT NULL` means a worker holds its lease `lease_id`.
+
+    After a lease expires the job is pending again but keeps `lease_id`, so the late worker's
+    ack or fail still lands until someone else leases the job.
+    """
+
+    __tablename__ = "jobs"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=255)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    attempts: int = 0
+    max_retries: int = 3
+    created_at: datetime = _time()
+    available_at: datetime = _time()
+    reserved_at: datetime | None = _time(nullable=True)
+    reserved_by: str | None = Field(default=None, max_length=255)
+    lease_id: str | None = Field(default=None, max_length=96)
+    lease_seq: int = 0
+    lease_expires_at: datetime | None = _time(nullable=True)
+
+    __table_args__ = (
+        # Reserve: per name, oldest available first; only unreserved rows are in it, so
+        # in-flight jobs never slow the scan and its cost does not grow with the backlog.
+        Index(
+            "ix_jobs_ready",
+            "name",
+            "available_at",
+            "id",
+            sqlite_where=text("reserved_at IS NULL"),
+            postgresql_where=text("reserved_at IS NULL"),
+        ),
+        # Reaper: only reserved rows, by expiry.
+        Index(
+            "ix_jobs_lease_expiry",
+            "lease_expires_at",
+            sqlite_where=text("reserved_at IS NOT NULL"),
+            postgresql_where=text("reserved_at IS NOT NULL"),
+        ),
+        # Listing pending jobs in (available_at, id) order with a keyset cursor.
+        Index("ix_jobs_available_at", "available_at", "id"),
+    )
+
+
+class SucceededJobRow(SQLModel, table=True):
+    __tablename__ = "succeeded_jobs"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=255)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    attempts: int
+    lease_seq: int = 0
+    created_at: datetime = _time()
+    available_at: datetime = _time()
+    succeeded_at: datetime = _time()
+
+    __table_args__ = (
+        Index("ix_succeeded_jobs_succeeded_at", "succeeded_at", "id"),
+        Index("ix_succeeded_jobs_name_succeeded_at", "name", "succeeded_at", "id"),
+    )
+
+
+class FailedJobRow(SQLModel, table=True):
+    __tablename__ = "failed_jobs"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=255)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    attempts: int
+    max_retries: int = 3
+    lease_seq: int = 0
+    exception: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _time()
+    available_at: datetime = _time()
+    failed_at: datetime = _time()
+
+    __table_args__ = (
+        Index("ix_failed_jobs_failed_at", "failed_at", "id"),
+        Index("ix_failed_jobs_name_failed_at", "name", "failed_at", "id"),
+    )
