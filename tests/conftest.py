@@ -1,0 +1,142 @@
+"""Fixtures: the real app on a real SQLite file per test, and real server processes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.main import create_app
+from app.queue.clock import OffsetClock
+from app.queue.service import QueueService
+from app.settings import Settings
+
+
+@pytest.fixture
+def clock() -> OffsetClock:
+    return OffsetClock()
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'bgjobs.db'}"
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return Settings(database_url=db_url, reaper_interval_ms=50, poll_recheck_ms=1000)
+
+
+@pytest.fixture
+async def app(settings: Settings, clock: OffsetClock) -> AsyncIterator[FastAPI]:
+    application = create_app(settings, clock)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://bgjobs.test") as c:
+        yield c
+
+
+@pytest.fixture
+def service(app: FastAPI) -> QueueService:
+    svc: QueueService = app.state.service
+    return svc
+
+
+async def enqueue(client: httpx.AsyncClient, name: str = "send_email", payload: str = "{}",
+                  **fields: Any) -> dict[str, Any]:
+    response = await client.post("/jobs", json={"name": name, "payload": payload, **fields})
+    assert response.status_code == 201, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+async def lease(client: httpx.AsyncClient, names: list[str] | None = None,
+                **fields: Any) -> list[dict[str, Any]]:
+    body = {"worker_id": "worker-1", "names": names or ["send_email"], **fields}
+    response = await client.post("/leases", json=body)
+    assert response.status_code == 200, response.text
+    leases: list[dict[str, Any]] = response.json()["leases"]
+    return leases
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """`bgjobs serve` in a child process, as a user would run it."""
+
+    def __init__(self, database_url: str, port: int, env: dict[str, str] | None = None) -> None:
+        self.database_url = database_url
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port),
+             "--database-url", self.database_url],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not become ready in 20 s")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[Callable[..., AbstractContextManager[ServerProcess]]]:
+    """Start real servers; every one is stopped when the test ends, whatever happens."""
+    started: list[ServerProcess] = []
+
+    @contextmanager
+    def run(database_url: str | None = None, port: int | None = None,
+            env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+        server = ServerProcess(
+            database_url or f"sqlite+aiosqlite:///{tmp_path / 'server.db'}",
+            port or free_port(), env,
+        )
+        started.append(server)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    yield run
+    for server in started:
+        server.stop(signal.SIGKILL)
