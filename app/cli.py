@@ -27,8 +27,11 @@ def serve_command(args: argparse.Namespace) -> None:
 
     overrides = {
         key: value
-        for key, value in (("host", args.host), ("port", args.port),
-                           ("database_url", args.database_url))
+        for key, value in (
+            ("host", args.host),
+            ("port", args.port),
+            ("database_url", args.database_url),
+        )
         if value is not None
     }
     settings = Settings(**overrides)

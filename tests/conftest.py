@@ -56,16 +56,18 @@ def service(app: FastAPI) -> QueueService:
     return svc
 
 
-async def enqueue(client: httpx.AsyncClient, name: str = "send_email", payload: str = "{}",
-                  **fields: Any) -> dict[str, Any]:
+async def enqueue(
+    client: httpx.AsyncClient, name: str = "send_email", payload: str = "{}", **fields: Any
+) -> dict[str, Any]:
     response = await client.post("/jobs", json={"name": name, "payload": payload, **fields})
     assert response.status_code == 201, response.text
     job: dict[str, Any] = response.json()
     return job
 
 
-async def lease(client: httpx.AsyncClient, names: list[str] | None = None,
-                **fields: Any) -> list[dict[str, Any]]:
+async def lease(
+    client: httpx.AsyncClient, names: list[str] | None = None, **fields: Any
+) -> list[dict[str, Any]]:
     body = {"worker_id": "worker-1", "names": names or ["send_email"], **fields}
     response = await client.post("/leases", json=body)
     assert response.status_code == 200, response.text
@@ -92,9 +94,19 @@ class ServerProcess:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port),
-             "--database-url", self.database_url],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--database-url",
+                self.database_url,
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -119,16 +131,20 @@ class ServerProcess:
 
 
 @pytest.fixture
-def server_process(tmp_path: Path) -> Iterator[Callable[..., AbstractContextManager[ServerProcess]]]:
+def server_process(
+    tmp_path: Path,
+) -> Iterator[Callable[..., AbstractContextManager[ServerProcess]]]:
     """Start real servers; every one is stopped when the test ends, whatever happens."""
     started: list[ServerProcess] = []
 
     @contextmanager
-    def run(database_url: str | None = None, port: int | None = None,
-            env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    def run(
+        database_url: str | None = None, port: int | None = None, env: dict[str, str] | None = None
+    ) -> Iterator[ServerProcess]:
         server = ServerProcess(
             database_url or f"sqlite+aiosqlite:///{tmp_path / 'server.db'}",
-            port or free_port(), env,
+            port or free_port(),
+            env,
         )
         started.append(server)
         server.start()

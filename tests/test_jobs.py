@@ -182,15 +182,34 @@ async def test_get_shows_succeeded_and_failed_jobs(client: httpx.AsyncClient) ->
     await client.post(f"/leases/{second['id']}/fail", json={"exception": "kaput"})
     done = (await client.get(f"/jobs/{ok['id']}")).json()
     assert done["state"] == "succeeded" and TIMESTAMP.match(done["succeeded_at"])
-    assert set(done) == {"id", "name", "payload", "attempts", "created_at", "available_at",
-                         "succeeded_at", "state"}
+    assert set(done) == {
+        "id",
+        "name",
+        "payload",
+        "attempts",
+        "created_at",
+        "available_at",
+        "succeeded_at",
+        "state",
+    }
     dead = (await client.get(f"/jobs/{bad['id']}")).json()
     assert dead["state"] == "failed" and dead["exception"] == "kaput"
-    assert set(dead) == {"id", "name", "payload", "attempts", "exception", "created_at",
-                         "available_at", "failed_at", "state"}
+    assert set(dead) == {
+        "id",
+        "name",
+        "payload",
+        "attempts",
+        "exception",
+        "created_at",
+        "available_at",
+        "failed_at",
+        "state",
+    }
 
 
 async def test_timestamps_are_utc(client: httpx.AsyncClient) -> None:
     before = datetime.now(UTC)
     job = await enqueue(client)
-    assert before - timedelta(seconds=5) <= parse(job["created_at"]) <= before + timedelta(seconds=5)
+    assert (
+        before - timedelta(seconds=5) <= parse(job["created_at"]) <= before + timedelta(seconds=5)
+    )

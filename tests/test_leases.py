@@ -91,8 +91,9 @@ async def test_fail_with_retry_in_ms(client: httpx.AsyncClient, clock: OffsetClo
     await enqueue(client)
     leased = (await lease(client))[0]
     body = (
-        await client.post(f"/leases/{leased['id']}/fail",
-                          json={"exception": "later", "retry_in_ms": 120_000})
+        await client.post(
+            f"/leases/{leased['id']}/fail", json={"exception": "later", "retry_in_ms": 120_000}
+        )
     ).json()
     assert body["outcome"] == "retrying"
     assert parse(body["job"]["available_at"]) - parse(leased["job"]["reserved_at"]) >= timedelta(
@@ -113,14 +114,14 @@ async def test_max_retries_zero_fails_at_once(client: httpx.AsyncClient) -> None
     await enqueue(client, max_retries=0)
     leased = (await lease(client))[0]
     body = (
-        await client.post(f"/leases/{leased['id']}/fail",
-                          json={"exception": "x", "retry_in_ms": 0})
+        await client.post(f"/leases/{leased['id']}/fail", json={"exception": "x", "retry_in_ms": 0})
     ).json()
     assert body["outcome"] == "failed"
 
 
-async def test_extend_pushes_back_expiry(client: httpx.AsyncClient, clock: OffsetClock,
-                                         service: QueueService) -> None:
+async def test_extend_pushes_back_expiry(
+    client: httpx.AsyncClient, clock: OffsetClock, service: QueueService
+) -> None:
     await enqueue(client)
     leased = (await lease(client, lease_ms=1000))[0]
     response = await client.post(f"/leases/{leased['id']}/extend", json={"lease_ms": 60_000})
@@ -302,8 +303,9 @@ async def test_long_poll_only_wakes_for_its_names(client: httpx.AsyncClient) -> 
 
 
 async def test_many_waiters_each_get_one_job(client: httpx.AsyncClient) -> None:
-    waiters = [asyncio.create_task(lease(client, wait_ms=5000, worker_id=f"w{i}"))
-               for i in range(10)]
+    waiters = [
+        asyncio.create_task(lease(client, wait_ms=5000, worker_id=f"w{i}")) for i in range(10)
+    ]
     await asyncio.sleep(0.2)
     ids = {(await enqueue(client))["id"] for _ in range(10)}
     enqueued_at = time.monotonic()

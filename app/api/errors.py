@@ -45,7 +45,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def status_of(error: QueueError) -> int:
     for cls in type(error).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 500
 
 
@@ -76,8 +76,11 @@ def _describe(error: dict[str, Any]) -> str:
 async def invalid_input(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
-        {"loc": [p if isinstance(p, int) else str(p) for p in e["loc"]],
-         "msg": _describe(e), "type": e["type"]}
+        {
+            "loc": [p if isinstance(p, int) else str(p) for p in e["loc"]],
+            "msg": _describe(e),
+            "type": e["type"],
+        }
         for e in exc.errors()
     ]
     detail = "; ".join(e["msg"] for e in errors) or "invalid request"

@@ -14,8 +14,12 @@ async def healthz() -> Status:
     return Status(status="ok")
 
 
-@router.get("/readyz", operation_id="readyz", summary="The database is reachable",
-            responses={503: responses()[503]})
+@router.get(
+    "/readyz",
+    operation_id="readyz",
+    summary="The database is reachable",
+    responses={503: responses()[503]},
+)
 async def readyz(service: Service) -> Status:
     await service.ping()
     return Status(status="ready")

@@ -61,8 +61,9 @@ async def list_jobs(
 ) -> JobPage:
     """Pending jobs ordered by `available_at` (oldest first)."""
     page = await service.list_pending(state, name, limit, cursor)
-    return JobPage(items=[JobOut.model_validate(j) for j in page.items],
-                   next_cursor=page.next_cursor)
+    return JobPage(
+        items=[JobOut.model_validate(j) for j in page.items], next_cursor=page.next_cursor
+    )
 
 
 @router.get(

@@ -17,8 +17,8 @@ from app.api.schemas import (
     LeaseOut,
     LeaseRequest,
     LeasesOut,
-    SucceededJobOut,
     RetryingOut,
+    SucceededJobOut,
 )
 from app.queue.models import Retrying
 
@@ -28,8 +28,9 @@ LeaseId = Annotated[str, Path(max_length=1024, description="The lease id from PO
 FENCED = responses(404, 409)
 
 
-@router.post("", operation_id="lease_jobs", summary="Reserve jobs (long poll)",
-             responses=responses())
+@router.post(
+    "", operation_id="lease_jobs", summary="Reserve jobs (long poll)", responses=responses()
+)
 async def lease_jobs(body: LeaseRequest, service: Service) -> LeasesOut:
     """Reserve up to `max_jobs` available jobs of `names`, oldest first. With none available,
     wait up to `wait_ms` and answer as soon as one is enqueued or comes due, or with an empty
@@ -40,15 +41,17 @@ async def lease_jobs(body: LeaseRequest, service: Service) -> LeasesOut:
     return LeasesOut(leases=[LeaseOut.model_validate(lease) for lease in leases])
 
 
-@router.post("/{lease_id}/ack", operation_id="ack_lease", summary="The job succeeded",
-             responses=FENCED)
+@router.post(
+    "/{lease_id}/ack", operation_id="ack_lease", summary="The job succeeded", responses=FENCED
+)
 async def ack_lease(lease_id: LeaseId, service: Service) -> SucceededJobOut:
     """Moves the job to the succeeded jobs, keeping its id."""
     return SucceededJobOut.model_validate(await service.ack(lease_id))
 
 
-@router.post("/{lease_id}/fail", operation_id="fail_lease", summary="The job failed",
-             responses=FENCED)
+@router.post(
+    "/{lease_id}/fail", operation_id="fail_lease", summary="The job failed", responses=FENCED
+)
 async def fail_lease(lease_id: LeaseId, body: FailRequest, service: Service) -> FailOut:
     """With retries left the job is pending again after `retry_in_ms` or the default backoff;
     otherwise it moves to the failed jobs with the exception text."""
@@ -58,16 +61,22 @@ async def fail_lease(lease_id: LeaseId, body: FailRequest, service: Service) -> 
     return BuriedOut(job=FailedJobOut.model_validate(outcome.job))
 
 
-@router.post("/{lease_id}/extend", operation_id="extend_lease", summary="Heartbeat",
-             responses=FENCED)
+@router.post(
+    "/{lease_id}/extend", operation_id="extend_lease", summary="Heartbeat", responses=FENCED
+)
 async def extend_lease(lease_id: LeaseId, body: ExtendRequest, service: Service) -> ExtendOut:
     """The lease now expires `lease_ms` from now."""
     expires_at = await service.extend(lease_id, body.lease_ms)
     return ExtendOut(id=lease_id, expires_at=expires_at)
 
 
-@router.delete("/{lease_id}", status_code=204, operation_id="release_lease",
-               summary="Give the job back", responses=FENCED)
+@router.delete(
+    "/{lease_id}",
+    status_code=204,
+    operation_id="release_lease",
+    summary="Give the job back",
+    responses=FENCED,
+)
 async def release_lease(lease_id: LeaseId, service: Service) -> Response:
     """For a worker shutting down: the job is available again at once and this attempt is
     not counted."""

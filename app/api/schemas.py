@@ -37,7 +37,9 @@ def parse_timestamp(value: object) -> datetime:
         raise ValueError("must be an RFC 3339 timestamp string such as '2026-01-01T12:00:00Z'")
     match = _RFC3339.fullmatch(value)
     if match is None:
-        raise ValueError(f"{value[:64]!r} is not an RFC 3339 timestamp such as '2026-01-01T12:00:00Z'")
+        raise ValueError(
+            f"{value[:64]!r} is not an RFC 3339 timestamp such as '2026-01-01T12:00:00Z'"
+        )
     if match["offset"] is None:
         raise ValueError(f"{value!r} has no UTC offset: add 'Z' or an offset such as '+02:00'")
     frac = match["frac"] or ""
@@ -52,7 +54,7 @@ def _payload(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(
             "payload must be a string: encode structured data as text first "
-            "(for example JSON-encode it, so {\"a\": 1} becomes \"{\\\"a\\\": 1}\")"
+            '(for example JSON-encode it, so {"a": 1} becomes "{\\"a\\": 1}")'
         )
     return value
 
@@ -126,8 +128,12 @@ class EnqueueRequest(StrictBody):
             "examples": [
                 {"name": "send_email", "payload": '{"to": "ada@example.com"}'},
                 {"name": "report.daily", "payload": "2026-11-28", "available_in_ms": 60000},
-                {"name": "reminder", "payload": "42", "available_at": "2026-12-01T09:00:00Z",
-                 "max_retries": 5},
+                {
+                    "name": "reminder",
+                    "payload": "42",
+                    "available_at": "2026-12-01T09:00:00Z",
+                    "max_retries": 5,
+                },
             ]
         }
     )
@@ -155,22 +161,34 @@ class LeaseRequest(StrictBody):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"worker_id": "worker-1", "names": ["send_email"], "max_jobs": 10,
-                 "wait_ms": 30000, "lease_ms": 60000}
+                {
+                    "worker_id": "worker-1",
+                    "names": ["send_email"],
+                    "max_jobs": 10,
+                    "wait_ms": 30000,
+                    "lease_ms": 60000,
+                }
             ]
         }
     )
 
-    worker_id: str = Field(min_length=1, max_length=255, strict=True,
-                           description="Who holds the lease; stored as the job's reserved_by.")
-    names: list[JobName] = Field(min_length=1, max_length=100, strict=True,
-                                 description="The job names this worker handles.")
+    worker_id: str = Field(
+        min_length=1,
+        max_length=255,
+        strict=True,
+        description="Who holds the lease; stored as the job's reserved_by.",
+    )
+    names: list[JobName] = Field(
+        min_length=1, max_length=100, strict=True, description="The job names this worker handles."
+    )
     max_jobs: int = strict_int(1, 100, default=1, description="Reserve up to this many jobs.")
     wait_ms: int = strict_int(
         0, 60_000, default=0, description="Long poll: wait up to this long for a job."
     )
     lease_ms: int = strict_int(
-        1000, 86_400_000, default=30_000,
+        1000,
+        86_400_000,
+        default=30_000,
         description="The lease expires this long after it is granted unless extended.",
     )
 
@@ -184,7 +202,9 @@ class FailRequest(StrictBody):
         max_length=65536, strict=True, description="What went wrong (up to 64 KiB of UTF-8)."
     )
     retry_in_ms: int | None = strict_int(
-        0, 2_592_000_000, default=None,
+        0,
+        2_592_000_000,
+        default=None,
         description="Retry after this long instead of the default exponential backoff.",
     )
 
@@ -192,7 +212,9 @@ class FailRequest(StrictBody):
 class ExtendRequest(StrictBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"lease_ms": 60000}]})
 
-    lease_ms: int = strict_int(1000, 86_400_000, description="The lease now ends this long from now.")
+    lease_ms: int = strict_int(
+        1000, 86_400_000, description="The lease now ends this long from now."
+    )
 
 
 class JobOut(BaseModel):
@@ -202,10 +224,18 @@ class JobOut(BaseModel):
         from_attributes=True,
         json_schema_extra={
             "examples": [
-                {"id": EXAMPLE_JOB_ID, "name": "send_email", "payload": '{"to": "ada@example.com"}',
-                 "attempts": 0, "max_retries": 3, "created_at": EXAMPLE_TIME,
-                 "available_at": EXAMPLE_TIME, "reserved_at": None, "reserved_by": None,
-                 "state": "available"}
+                {
+                    "id": EXAMPLE_JOB_ID,
+                    "name": "send_email",
+                    "payload": '{"to": "ada@example.com"}',
+                    "attempts": 0,
+                    "max_retries": 3,
+                    "created_at": EXAMPLE_TIME,
+                    "available_at": EXAMPLE_TIME,
+                    "reserved_at": None,
+                    "reserved_by": None,
+                    "state": "available",
+                }
             ]
         },
     )
@@ -227,9 +257,16 @@ class SucceededJobOut(BaseModel):
         from_attributes=True,
         json_schema_extra={
             "examples": [
-                {"id": EXAMPLE_JOB_ID, "name": "send_email", "payload": "{}", "attempts": 1,
-                 "created_at": EXAMPLE_TIME, "available_at": EXAMPLE_TIME,
-                 "succeeded_at": EXAMPLE_TIME, "state": "succeeded"}
+                {
+                    "id": EXAMPLE_JOB_ID,
+                    "name": "send_email",
+                    "payload": "{}",
+                    "attempts": 1,
+                    "created_at": EXAMPLE_TIME,
+                    "available_at": EXAMPLE_TIME,
+                    "succeeded_at": EXAMPLE_TIME,
+                    "state": "succeeded",
+                }
             ]
         },
     )
@@ -249,9 +286,17 @@ class FailedJobOut(BaseModel):
         from_attributes=True,
         json_schema_extra={
             "examples": [
-                {"id": EXAMPLE_JOB_ID, "name": "send_email", "payload": "{}", "attempts": 4,
-                 "exception": "SMTP timeout", "created_at": EXAMPLE_TIME,
-                 "available_at": EXAMPLE_TIME, "failed_at": EXAMPLE_TIME, "state": "failed"}
+                {
+                    "id": EXAMPLE_JOB_ID,
+                    "name": "send_email",
+                    "payload": "{}",
+                    "attempts": 4,
+                    "exception": "SMTP timeout",
+                    "created_at": EXAMPLE_TIME,
+                    "available_at": EXAMPLE_TIME,
+                    "failed_at": EXAMPLE_TIME,
+                    "state": "failed",
+                }
             ]
         },
     )
@@ -273,8 +318,10 @@ AnyJobOut = Annotated[JobOut | SucceededJobOut | FailedJobOut, Field(discriminat
 class LeaseOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    id: str = Field(description="The lease id: ack, fail, extend or release with it.",
-                    examples=[EXAMPLE_LEASE_ID])
+    id: str = Field(
+        description="The lease id: ack, fail, extend or release with it.",
+        examples=[EXAMPLE_LEASE_ID],
+    )
     expires_at: Timestamp
     job: JobOut
 
@@ -303,17 +350,23 @@ class ExtendOut(BaseModel):
 
 class JobPage(BaseModel):
     items: list[JobOut]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end."
+    )
 
 
 class SucceededJobPage(BaseModel):
     items: list[SucceededJobOut]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end."
+    )
 
 
 class FailedJobPage(BaseModel):
     items: list[FailedJobOut]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end."
+    )
 
 
 class ErrorOut(BaseModel):

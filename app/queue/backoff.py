@@ -11,5 +11,5 @@ def backoff_ms(attempts: int, base_ms: int, max_ms: int, rand: Callable[[], floa
     `rand` returns a float in [0, 1).
     """
     exponent = min(max(attempts - 1, 0), 64)  # 2**64 ms is far past any cap
-    delay = min(max_ms, base_ms * 2**exponent)
+    delay: int = min(max_ms, base_ms * 2**exponent)
     return max(0, round(delay * (0.9 + 0.2 * rand())))

@@ -11,7 +11,9 @@ PendingState = Literal["available", "scheduled", "reserved"]
 RetryDecision = Callable[[int, int], datetime | None]
 
 
-def pending_state(available_at: datetime, reserved_at: datetime | None, now: datetime) -> PendingState:
+def pending_state(
+    available_at: datetime, reserved_at: datetime | None, now: datetime
+) -> PendingState:
     """`scheduled` and `available` are one row; which one is a matter of the clock."""
     if reserved_at is not None:
         return "reserved"
@@ -111,14 +113,19 @@ class Buried:
 FailOutcome = Retrying | Buried
 
 
-def lease_id_for(job_id: str, seq: int) -> str:
-    """Lease ids name their job and a per-job counter, so a stale one can be told from a made-up one."""
-    return f"{job_id}.{seq}"
-
-
 def parse_lease_id(lease_id: str) -> tuple[str, int] | None:
-    """The (job id, lease number) inside a lease id, or None if the server cannot have issued it."""
+    """The (job id, lease number) inside a lease id, or None if the server cannot have issued it.
+
+    Lease ids are `{job id}.{n}`, n counting the job's leases, so a stale lease can be told
+    from one that was never issued.
+    """
     job_id, dot, seq = lease_id.rpartition(".")
-    if not dot or not job_id or not (seq.isascii() and seq.isdigit()) or len(seq) > 18 or seq.startswith("0"):
+    if (
+        not dot
+        or not job_id
+        or not (seq.isascii() and seq.isdigit())
+        or len(seq) > 18
+        or seq.startswith("0")
+    ):
         return None
     return job_id, int(seq)

@@ -37,10 +37,10 @@ class Waiter:
     def woken(self) -> bool:
         return self._event.is_set()
 
-    async def wait(self, timeout: float) -> bool:
-        """True if woken, False if the timeout passed first."""
+    async def wait(self, seconds: float) -> bool:
+        """True if woken, False if `seconds` passed first."""
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            await asyncio.wait_for(self._event.wait(), seconds)
         except TimeoutError:
             return False
         return True

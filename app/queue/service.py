@@ -19,8 +19,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 from datetime import datetime, timedelta
+from typing import Generic, TypeVar
 
 from app.queue.backoff import backoff_ms
 from app.queue.clock import Clock
@@ -219,8 +219,12 @@ class QueueService:
                     f"without ack or fail (held by worker {lease.reserved_by!r})"
                 )
                 outcome = await self.storage.fail(
-                    lease.job_id, lease.lease_id, now, exception,
-                    self._retry_decision(now, None), expired_before=now,
+                    lease.job_id,
+                    lease.lease_id,
+                    now,
+                    exception,
+                    self._retry_decision(now, None),
+                    expired_before=now,
                 )
                 if outcome is not None:
                     reaped += 1
@@ -314,7 +318,9 @@ class QueueService:
         jobs = await self.storage.list_succeeded(HistoryQuery(name, limit + 1, before))
         return _page(jobs, limit, lambda j: encode_cursor("succeeded", j.succeeded_at, j.id))
 
-    async def list_failed(self, name: str | None, limit: int, cursor: str | None) -> Page[FailedJob]:
+    async def list_failed(
+        self, name: str | None, limit: int, cursor: str | None
+    ) -> Page[FailedJob]:
         before = decode_cursor("failed", cursor) if cursor else None
         jobs = await self.storage.list_failed(HistoryQuery(name, limit + 1, before))
         return _page(jobs, limit, lambda j: encode_cursor("failed", j.failed_at, j.id))

@@ -35,24 +35,48 @@ jobs = JobRow.__table__  # type: ignore[attr-defined]
 succeeded = SucceededJobRow.__table__  # type: ignore[attr-defined]
 failed = FailedJobRow.__table__  # type: ignore[attr-defined]
 
-_JOB_FIELDS = ("id", "name", "payload", "attempts", "max_retries", "created_at", "available_at",
-               "reserved_at", "reserved_by")
-_SUCCEEDED_FIELDS = ("id", "name", "payload", "attempts", "created_at", "available_at",
-                     "succeeded_at")
-_FAILED_FIELDS = ("id", "name", "payload", "attempts", "exception", "created_at", "available_at",
-                  "failed_at")
+_JOB_FIELDS = (
+    "id",
+    "name",
+    "payload",
+    "attempts",
+    "max_retries",
+    "created_at",
+    "available_at",
+    "reserved_at",
+    "reserved_by",
+)
+_SUCCEEDED_FIELDS = (
+    "id",
+    "name",
+    "payload",
+    "attempts",
+    "created_at",
+    "available_at",
+    "succeeded_at",
+)
+_FAILED_FIELDS = (
+    "id",
+    "name",
+    "payload",
+    "attempts",
+    "exception",
+    "created_at",
+    "available_at",
+    "failed_at",
+)
 
 
-def job_from(row: Mapping[str, Any], now: datetime) -> Job:
+def job_from(row: Mapping[Any, Any], now: datetime) -> Job:
     fields = {f: row[f] for f in _JOB_FIELDS}
     return Job(**fields, state=pending_state(row["available_at"], row["reserved_at"], now))
 
 
-def succeeded_from(row: Mapping[str, Any]) -> SucceededJob:
+def succeeded_from(row: Mapping[Any, Any]) -> SucceededJob:
     return SucceededJob(**{f: row[f] for f in _SUCCEEDED_FIELDS})
 
 
-def failed_from(row: Mapping[str, Any]) -> FailedJob:
+def failed_from(row: Mapping[Any, Any]) -> FailedJob:
     return FailedJob(**{f: row[f] for f in _FAILED_FIELDS})
 
 
@@ -126,8 +150,7 @@ class SqlStorage:
         def soonest(name: str) -> Select[Any]:
             return (
                 select(jobs.c.available_at)
-                .where(jobs.c.name == name, jobs.c.reserved_at.is_(None),
-                       jobs.c.available_at > now)
+                .where(jobs.c.name == name, jobs.c.reserved_at.is_(None), jobs.c.available_at > now)
                 .order_by(jobs.c.available_at)
                 .limit(1)
             )
@@ -140,12 +163,16 @@ class SqlStorage:
     async def ack(self, job_id: str, lease_id: str, now: datetime) -> SucceededJob | None:
         async with self._write() as conn:
             row = (
-                await conn.execute(
-                    delete(jobs)
-                    .where(jobs.c.id == job_id, jobs.c.lease_id == lease_id)
-                    .returning(*jobs.c)
+                (
+                    await conn.execute(
+                        delete(jobs)
+                        .where(jobs.c.id == job_id, jobs.c.lease_id == lease_id)
+                        .returning(*jobs.c)
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
             if row is None:
                 return None
             values = {f: row[f] for f in _SUCCEEDED_FIELDS if f != "succeeded_at"}
@@ -167,8 +194,8 @@ class SqlStorage:
             held += [jobs.c.reserved_at.is_not(None), jobs.c.lease_expires_at <= expired_before]
         async with self._write() as conn:
             row = (
-                await conn.execute(select(jobs).where(*held).with_for_update())
-            ).mappings().first()
+                (await conn.execute(select(jobs).where(*held).with_for_update())).mappings().first()
+            )
             if row is None:
                 return None
             retry_at = decide(row["attempts"], row["max_retries"])
@@ -181,23 +208,35 @@ class SqlStorage:
     ) -> Job:
         """Pending again at `available_at`; the lease id stays so a late ack still counts."""
         row = (
-            await conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(available_at=available_at, reserved_at=None, reserved_by=None,
-                        lease_expires_at=None)
-                .returning(*jobs.c)
+            (
+                await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(
+                        available_at=available_at,
+                        reserved_at=None,
+                        reserved_by=None,
+                        lease_expires_at=None,
+                    )
+                    .returning(*jobs.c)
+                )
             )
-        ).mappings().one()
+            .mappings()
+            .one()
+        )
         return job_from(row, now)
 
     async def _bury(
-        self, conn: AsyncConnection, row: Mapping[str, Any], exception: str, now: datetime
+        self, conn: AsyncConnection, row: Mapping[Any, Any], exception: str, now: datetime
     ) -> FailedJob:
         await conn.execute(delete(jobs).where(jobs.c.id == row["id"]))
         values = {f: row[f] for f in _FAILED_FIELDS if f not in ("exception", "failed_at")}
-        values.update(exception=exception, failed_at=now, max_retries=row["max_retries"],
-                      lease_seq=row["lease_seq"])
+        values.update(
+            exception=exception,
+            failed_at=now,
+            max_retries=row["max_retries"],
+            lease_seq=row["lease_seq"],
+        )
         await conn.execute(insert(failed), values)
         return failed_from(values)
 
@@ -205,8 +244,11 @@ class SqlStorage:
         async with self._write() as conn:
             result = await conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.lease_id == lease_id,
-                       jobs.c.reserved_at.is_not(None))
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.lease_id == lease_id,
+                    jobs.c.reserved_at.is_not(None),
+                )
                 .values(lease_expires_at=expires_at)
             )
         return result.rowcount == 1
@@ -214,23 +256,36 @@ class SqlStorage:
     async def release(self, job_id: str, lease_id: str, now: datetime) -> Job | None:
         async with self._write() as conn:
             row = (
-                await conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == job_id, jobs.c.lease_id == lease_id,
-                           jobs.c.reserved_at.is_not(None))
-                    .values(reserved_at=None, reserved_by=None, lease_id=None,
-                            lease_expires_at=None, attempts=jobs.c.attempts - 1)
-                    .returning(*jobs.c)
+                (
+                    await conn.execute(
+                        update(jobs)
+                        .where(
+                            jobs.c.id == job_id,
+                            jobs.c.lease_id == lease_id,
+                            jobs.c.reserved_at.is_not(None),
+                        )
+                        .values(
+                            reserved_at=None,
+                            reserved_by=None,
+                            lease_id=None,
+                            lease_expires_at=None,
+                            attempts=jobs.c.attempts - 1,
+                        )
+                        .returning(*jobs.c)
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
         return None if row is None else job_from(row, now)
 
     # -- reaper and diagnosis -----------------------------------------------------------
 
     async def expired_leases(self, now: datetime, limit: int) -> list[ExpiredLease]:
         query = (
-            select(jobs.c.id, jobs.c.lease_id, jobs.c.name, jobs.c.reserved_by,
-                   jobs.c.lease_expires_at)
+            select(
+                jobs.c.id, jobs.c.lease_id, jobs.c.name, jobs.c.reserved_by, jobs.c.lease_expires_at
+            )
             .where(jobs.c.reserved_at.is_not(None), jobs.c.lease_expires_at <= now)
             .order_by(jobs.c.lease_expires_at)
             .limit(limit)
@@ -243,8 +298,9 @@ class SqlStorage:
         async with self._read() as conn:
             row = (
                 await conn.execute(
-                    select(jobs.c.lease_seq, jobs.c.lease_id, jobs.c.reserved_at)
-                    .where(jobs.c.id == job_id)
+                    select(jobs.c.lease_seq, jobs.c.lease_id, jobs.c.reserved_at).where(
+                        jobs.c.id == job_id
+                    )
                 )
             ).first()
             if row is not None:
@@ -265,13 +321,15 @@ class SqlStorage:
             if row is not None:
                 return job_from(row, now)
             row = (
-                await conn.execute(select(succeeded).where(succeeded.c.id == job_id))
-            ).mappings().first()
+                (await conn.execute(select(succeeded).where(succeeded.c.id == job_id)))
+                .mappings()
+                .first()
+            )
             if row is not None:
                 return succeeded_from(row)
             row = (
-                await conn.execute(select(failed).where(failed.c.id == job_id))
-            ).mappings().first()
+                (await conn.execute(select(failed).where(failed.c.id == job_id))).mappings().first()
+            )
         return None if row is None else failed_from(row)
 
     async def cancel(self, job_id: str) -> CancelResult:
@@ -292,14 +350,25 @@ class SqlStorage:
     async def retry_failed(self, job_id: str, now: datetime) -> Job | None:
         async with self._write() as conn:
             row = (
-                await conn.execute(delete(failed).where(failed.c.id == job_id).returning(*failed.c))
-            ).mappings().first()
+                (
+                    await conn.execute(
+                        delete(failed).where(failed.c.id == job_id).returning(*failed.c)
+                    )
+                )
+                .mappings()
+                .first()
+            )
             if row is None:
                 return None
             values = {
-                "id": row["id"], "name": row["name"], "payload": row["payload"], "attempts": 0,
-                "max_retries": row["max_retries"], "created_at": row["created_at"],
-                "available_at": now, "lease_seq": row["lease_seq"],
+                "id": row["id"],
+                "name": row["name"],
+                "payload": row["payload"],
+                "attempts": 0,
+                "max_retries": row["max_retries"],
+                "created_at": row["created_at"],
+                "available_at": now,
+                "lease_seq": row["lease_seq"],
             }
             await conn.execute(insert(jobs), values)
         return job_from({**values, "reserved_at": None, "reserved_by": None}, now)

@@ -72,8 +72,9 @@ class SqliteStorage(SqlStorage):
         def ready(name: str) -> Select[Any]:
             return (
                 select(jobs.c.id, jobs.c.available_at)
-                .where(jobs.c.name == name, jobs.c.reserved_at.is_(None),
-                       jobs.c.available_at <= now)
+                .where(
+                    jobs.c.name == name, jobs.c.reserved_at.is_(None), jobs.c.available_at <= now
+                )
                 .order_by(jobs.c.available_at, jobs.c.id)
                 .limit(max_jobs)
             )
