@@ -1,0 +1,41 @@
+"""The README is true: its walk-through runs as written and CI runs its test command."""
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def bash_blocks(section: str) -> list[str]:
+    body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", body, re.DOTALL)
+
+
+def test_walk_through_runs_as_written(server_process: Any) -> None:
+    (script,) = bash_blocks("Walk-through")
+    assert script.startswith("URL=http://127.0.0.1:8000\n")
+    with server_process() as server:
+        script = script.replace("URL=http://127.0.0.1:8000", f"URL={server.url}", 1)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count('"state":"available"') == 2  # the two enqueues
+    assert '"state":"succeeded"' in out  # the ack, and the succeeded list
+    assert '"outcome":"failed"' in out
+    assert out.count("SMTP server said 550: no such user") == 2  # the fail, the failed list
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    run, test = bash_blocks("Set up")
+    assert "bgjobs serve" in run
+    assert "pytest" in test
+    assert test.strip() in (ROOT / ".ci" / "run").read_text()
