@@ -68,6 +68,8 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "string_pattern_mismatch":
         return f"{where}: a job name is 1..255 characters of A-Z a-z 0-9 _ . : -"
     if kind in ("model_attributes_type", "dict_type"):
+        if isinstance(error.get("input"), str | bytes) and where == "body":
+            return "body: must be a JSON object sent with Content-Type: application/json"
         return f"{where}: must be a JSON object"
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"{where}: {message}"

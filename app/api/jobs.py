@@ -27,7 +27,7 @@ Cursor = Annotated[
     str | None,
     Query(max_length=1024, description="The `next_cursor` of the previous page."),
 ]
-JobId = Annotated[str, Path(max_length=1024, description="The job id.")]
+JobId = Annotated[str, Path(description="The job id.")]
 
 
 @router.post(

@@ -24,7 +24,7 @@ from app.queue.models import Retrying
 
 router = APIRouter(prefix="/leases", tags=["leases"])
 
-LeaseId = Annotated[str, Path(max_length=1024, description="The lease id from POST /leases.")]
+LeaseId = Annotated[str, Path(description="The lease id from POST /leases.")]
 FENCED = responses(404, 409)
 
 

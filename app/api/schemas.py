@@ -56,6 +56,10 @@ def _payload(value: object) -> str:
             "payload must be a string: encode structured data as text first "
             '(for example JSON-encode it, so {"a": 1} becomes "{\\"a\\": 1}")'
         )
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError("payload is not valid Unicode text (it has a lone surrogate)") from exc
     return value
 
 

@@ -1,0 +1,82 @@
+"""The hot queries use their indexes, so their cost does not grow with the backlog.
+
+Each query is captured as the SQLite backend really sends it, then explained by SQLite.
+"""
+
+import sqlite3
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+
+from app.queue.service import QueueService
+
+
+async def captured(
+    service: QueueService, call: Callable[[], Awaitable[Any]]
+) -> list[tuple[str, Any]]:
+    statements: list[tuple[str, Any]] = []
+    engine = service.storage.engine.sync_engine  # type: ignore[attr-defined]
+
+    def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if not statement.lstrip().upper().startswith(("BEGIN", "PRAGMA")):
+            statements.append((statement, params))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        await call()
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    return statements
+
+
+def plan(db: Path, statement: str, params: Any) -> str:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(f"EXPLAIN QUERY PLAN {statement}", params).fetchall()
+    return "\n".join(row[-1] for row in rows)
+
+
+def assert_no_table_scan(text: str) -> None:
+    for line in text.splitlines():
+        if (
+            line.startswith("SCAN jobs")
+            or line.startswith("SCAN succeeded")
+            or line.startswith("SCAN failed")
+        ):
+            assert "INDEX" in line, text
+
+
+async def test_reserve_uses_the_ready_index(service: QueueService, tmp_path: Path) -> None:
+    now = service.clock.now()
+    for name in ("a", "b"):
+        for _ in range(3):
+            await service.enqueue(name, "x", 3)
+    ((statement, params),) = await captured(
+        service,
+        lambda: service.storage.reserve(["a", "b"], "w", 2, now, now + timedelta(seconds=30)),
+    )
+    text = plan(tmp_path / "bgjobs.db", statement, params)
+    assert text.count("ix_jobs_ready") == 2, text  # one bounded range per name
+    assert text.count("TEMP B-TREE") <= 1, text  # only the merge of <= names x max_jobs rows
+    assert_no_table_scan(text)
+
+
+async def test_next_due_and_reaper_use_indexes(service: QueueService, tmp_path: Path) -> None:
+    now = service.clock.now()
+    queries = await captured(service, lambda: service.storage.next_due(["a", "b"], now))
+    queries += await captured(service, lambda: service.storage.expired_leases(now, 100))
+    texts = [plan(tmp_path / "bgjobs.db", s, p) for s, p in queries]
+    assert "ix_jobs_ready" in texts[0] and "ix_jobs_lease_expiry" in texts[1], texts
+    for text in texts:
+        assert_no_table_scan(text)
+
+
+async def test_history_pages_use_their_index(service: QueueService, tmp_path: Path) -> None:
+    page = await service.list_failed(None, 10, None)
+    assert page.items == []
+    queries = await captured(service, lambda: service.list_succeeded("a", 10, None))
+    text = plan(tmp_path / "bgjobs.db", *queries[0])
+    assert "ix_succeeded_jobs_name_succeeded_at" in text, text
+    assert "TEMP B-TREE" not in text, text
