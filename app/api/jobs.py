@@ -48,7 +48,13 @@ async def enqueue_job(body: EnqueueRequest, response: Response, service: Service
     return JobOut.model_validate(job)
 
 
-@router.get("", operation_id="list_jobs", summary="List pending jobs", responses=responses())
+@router.get(
+    "",
+    operation_id="list_jobs",
+    summary="List pending jobs",
+    response_description="A page of pending jobs, oldest `available_at` first.",
+    responses=responses(),
+)
 async def list_jobs(
     service: Service,
     state: Annotated[
@@ -70,6 +76,7 @@ async def list_jobs(
     "/succeeded",
     operation_id="list_succeeded_jobs",
     summary="List succeeded jobs",
+    response_description="A page of succeeded jobs, newest first.",
     responses=responses(),
 )
 async def list_succeeded_jobs(
@@ -81,7 +88,11 @@ async def list_succeeded_jobs(
 
 
 @router.get(
-    "/failed", operation_id="list_failed_jobs", summary="List failed jobs", responses=responses()
+    "/failed",
+    operation_id="list_failed_jobs",
+    summary="List failed jobs",
+    response_description="A page of failed jobs, newest first.",
+    responses=responses(),
 )
 async def list_failed_jobs(
     service: Service, name: NameFilter = None, limit: Limit = 50, cursor: Cursor = None
@@ -91,7 +102,13 @@ async def list_failed_jobs(
     return FailedJobPage.model_validate(page, from_attributes=True)
 
 
-@router.get("/{job_id}", operation_id="get_job", summary="Get a job", responses=responses(404))
+@router.get(
+    "/{job_id}",
+    operation_id="get_job",
+    summary="Get a job",
+    response_description="The job; `state` tells which shape it has.",
+    responses=responses(404),
+)
 async def get_job(job_id: JobId, service: Service) -> AnyJobOut:
     """The job in whatever state it is now, succeeded and failed included."""
     job: AnyJob = await service.get(job_id)
@@ -103,6 +120,7 @@ async def get_job(job_id: JobId, service: Service) -> AnyJobOut:
     status_code=204,
     operation_id="delete_job",
     summary="Cancel a pending job or delete a finished one",
+    response_description="Deleted.",
     responses=responses(404, 409),
 )
 async def delete_job(job_id: JobId, service: Service) -> Response:
@@ -115,6 +133,7 @@ async def delete_job(job_id: JobId, service: Service) -> Response:
     "/{job_id}/retry",
     operation_id="retry_job",
     summary="Retry a failed job",
+    response_description="The job, pending and available again.",
     responses=responses(404, 409),
 )
 async def retry_job(job_id: JobId, service: Service) -> JobOut:

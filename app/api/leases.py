@@ -29,7 +29,11 @@ FENCED = responses(404, 409)
 
 
 @router.post(
-    "", operation_id="lease_jobs", summary="Reserve jobs (long poll)", responses=responses()
+    "",
+    operation_id="lease_jobs",
+    summary="Reserve jobs (long poll)",
+    response_description="The leases granted; an empty list when the wait ended with none.",
+    responses=responses(),
 )
 async def lease_jobs(body: LeaseRequest, service: Service) -> LeasesOut:
     """Reserve up to `max_jobs` available jobs of `names`, oldest first. With none available,
@@ -42,7 +46,11 @@ async def lease_jobs(body: LeaseRequest, service: Service) -> LeasesOut:
 
 
 @router.post(
-    "/{lease_id}/ack", operation_id="ack_lease", summary="The job succeeded", responses=FENCED
+    "/{lease_id}/ack",
+    operation_id="ack_lease",
+    summary="The job succeeded",
+    response_description="The job, now succeeded.",
+    responses=FENCED,
 )
 async def ack_lease(lease_id: LeaseId, service: Service) -> SucceededJobOut:
     """Moves the job to the succeeded jobs, keeping its id."""
@@ -50,7 +58,11 @@ async def ack_lease(lease_id: LeaseId, service: Service) -> SucceededJobOut:
 
 
 @router.post(
-    "/{lease_id}/fail", operation_id="fail_lease", summary="The job failed", responses=FENCED
+    "/{lease_id}/fail",
+    operation_id="fail_lease",
+    summary="The job failed",
+    response_description="`retrying` with the pending job, or `failed` with the failed job.",
+    responses=FENCED,
 )
 async def fail_lease(lease_id: LeaseId, body: FailRequest, service: Service) -> FailOut:
     """With retries left the job is pending again after `retry_in_ms` or the default backoff;
@@ -62,7 +74,11 @@ async def fail_lease(lease_id: LeaseId, body: FailRequest, service: Service) -> 
 
 
 @router.post(
-    "/{lease_id}/extend", operation_id="extend_lease", summary="Heartbeat", responses=FENCED
+    "/{lease_id}/extend",
+    operation_id="extend_lease",
+    summary="Heartbeat",
+    response_description="The lease and its new expiry.",
+    responses=FENCED,
 )
 async def extend_lease(lease_id: LeaseId, body: ExtendRequest, service: Service) -> ExtendOut:
     """The lease now expires `lease_ms` from now."""
@@ -75,6 +91,7 @@ async def extend_lease(lease_id: LeaseId, body: ExtendRequest, service: Service)
     status_code=204,
     operation_id="release_lease",
     summary="Give the job back",
+    response_description="Released.",
     responses=FENCED,
 )
 async def release_lease(lease_id: LeaseId, service: Service) -> Response:
