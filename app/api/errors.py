@@ -5,6 +5,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from app.api.schemas import ErrorOut, ValidationErrorOut
 from app.queue.errors import (
@@ -53,7 +54,21 @@ async def queue_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, QueueError)
     status = status_of(exc)
     headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers)
+    body: dict[str, Any] = {"detail": exc.detail}
+    if status == 422:  # the same shape as every other 422
+        loc, kind = list(getattr(exc, "field", ())), getattr(exc, "kind", "invalid")
+        body["errors"] = [{"loc": loc, "msg": exc.detail, "type": kind}]
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's errors as JSON; a body too deeply nested to parse is malformed JSON too."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+        detail = "malformed JSON: nested too deeply"
+        errors = [{"loc": ["body"], "msg": detail, "type": "json_invalid"}]
+        return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -92,3 +107,4 @@ async def invalid_input(_request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(QueueError, queue_error)
     app.add_exception_handler(RequestValidationError, invalid_input)
+    app.add_exception_handler(HTTPException, http_error)

@@ -20,6 +20,9 @@ class Conflict(QueueError):
 class InvalidCursor(QueueError):
     """A paging cursor this server did not issue for this list."""
 
+    field = ("query", "cursor")
+    kind = "invalid_cursor"
+
 
 class PayloadTooLarge(QueueError):
     """A job payload over the configured byte limit."""
