@@ -13,7 +13,7 @@ from app.queue.clock import Clock, SystemClock
 from app.queue.notifier import Notifier
 from app.queue.service import Limits, QueueService
 from app.settings import Settings
-from app.storage import open_storage
+from app.storage import ensure_schema, open_storage
 
 DESCRIPTION = """\
 An HTTP job queue. Producers enqueue jobs with `POST /jobs`; workers long-poll
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         storage = open_storage(
             settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
         )
-        await storage.start()
+        await ensure_schema(storage, settings.auto_migrate)
         notifier = Notifier(clock)
         limits = Limits(
             max_payload_bytes=settings.max_payload_bytes,
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         )
         service = QueueService(storage, notifier, clock, limits)
         app.state.service = service
+        await storage.listen(service.job_ready_elsewhere, notifier.wake_all)
         reaper = asyncio.create_task(service.reap_forever(settings.reaper_interval_ms / 1000))
         try:
             yield

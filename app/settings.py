@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     retry_max_ms: int = Field(default=3_600_000, ge=0)
     reaper_interval_ms: int = Field(default=250, ge=10, le=1000)
     poll_recheck_ms: int = Field(default=1000, ge=10)
+    auto_migrate: bool = True
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 

@@ -75,6 +75,11 @@ class Notifier:
             next(iter(queue)).wake()
             count -= 1
 
+    def wake_all(self) -> None:
+        """Wake every waiter: news may have been missed, so everyone should look."""
+        for name in list(self._waiting):
+            self.notify(name, len(self._waiting.get(name, ())))
+
     def notify_at(self, name: str, due: datetime) -> None:
         """Wake the waiters for `name` when a job of it comes due.
 

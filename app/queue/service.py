@@ -117,6 +117,10 @@ class QueueService:
         self._announce(name, available_at, now)
         return job
 
+    def job_ready_elsewhere(self, name: str, available_at: datetime) -> None:
+        """Another replica made a job ready: wake a waiter here too."""
+        self._announce(name, available_at, self.clock.now())
+
     def _announce(self, name: str, available_at: datetime, now: datetime) -> None:
         if available_at <= now:
             self.notifier.notify(name, 1)

@@ -5,7 +5,7 @@ reserved job take the lease id and change the row only while the job still holds
 they return None when it does not, and the service explains why.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
@@ -52,10 +52,19 @@ class HistoryQuery:
 
 
 class Storage(Protocol):
-    async def start(self) -> None:
-        """Open connections and create the schema if needed."""
+    async def migrate(self) -> None:
+        """Bring the schema up to date (Alembic), safely even with replicas starting at once."""
+
+    async def schema_revision(self) -> str | None:
+        """The Alembic revision the database is at; None for an empty database."""
 
     async def close(self) -> None: ...
+
+    async def listen(
+        self, on_ready: Callable[[str, datetime], None], on_gap: Callable[[], None]
+    ) -> None:
+        """Call `on_ready(name, available_at)` when another process makes a job ready, and
+        `on_gap()` when such news may have been missed (so every waiter should look)."""
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the database answers."""

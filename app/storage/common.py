@@ -9,10 +9,19 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, insert, select, tuple_, union_all, update
+from sqlalchemy import (
+    Executable,
+    RowMapping,
+    Select,
+    delete,
+    insert,
+    select,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlmodel import SQLModel
 
 from app.queue.errors import StorageUnavailable
 from app.queue.models import (
@@ -28,6 +37,7 @@ from app.queue.models import (
     SucceededJob,
     pending_state,
 )
+from app.storage import migrate
 from app.storage.base import CancelResult, HistoryQuery, LeasePosition, PendingQuery
 from app.storage.tables import FailedJobRow, JobRow, SucceededJobRow
 
@@ -80,6 +90,11 @@ def failed_from(row: Mapping[Any, Any]) -> FailedJob:
     return FailedJob(**{f: row[f] for f in _FAILED_FIELDS})
 
 
+async def first(conn: AsyncConnection, stmt: Executable) -> RowMapping | None:
+    """The first row of a statement as a mapping, or None."""
+    return (await conn.execute(stmt)).mappings().first()
+
+
 def per_name(names: Sequence[str], build: Callable[[str], Select[Any]]) -> Any:
     """One index range per job name, glued with UNION ALL.
 
@@ -95,9 +110,13 @@ class SqlStorage:
 
     engine: AsyncEngine
 
-    async def start(self) -> None:
-        async with self._guard(), self.engine.begin() as conn:
-            await conn.run_sync(SQLModel.metadata.create_all)
+    async def migrate(self) -> None:
+        async with self._write() as conn:
+            await conn.run_sync(migrate.upgrade)
+
+    async def schema_revision(self) -> str | None:
+        async with self._read() as conn:
+            return await conn.run_sync(migrate.current_revision)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -105,6 +124,14 @@ class SqlStorage:
     async def ping(self) -> None:
         async with self._read() as conn:
             await conn.execute(select(1))
+
+    async def listen(
+        self, on_ready: Callable[[str, datetime], None], on_gap: Callable[[], None]
+    ) -> None:
+        """One process, one notifier: nothing to listen to (PostgreSQL overrides this)."""
+
+    async def _announce(self, conn: AsyncConnection, name: str, available_at: datetime) -> None:
+        """Tell other replicas that a job of `name` is ready at `available_at`."""
 
     # -- transactions -------------------------------------------------------------------
 
@@ -144,6 +171,7 @@ class SqlStorage:
         }
         async with self._write() as conn:
             await conn.execute(insert(jobs), values)
+            await self._announce(conn, job.name, job.available_at)
         return job_from({**values, "reserved_at": None, "reserved_by": None}, now)
 
     async def next_due(self, names: Sequence[str], now: datetime) -> datetime | None:
@@ -162,17 +190,8 @@ class SqlStorage:
 
     async def ack(self, job_id: str, lease_id: str, now: datetime) -> SucceededJob | None:
         async with self._write() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        delete(jobs)
-                        .where(jobs.c.id == job_id, jobs.c.lease_id == lease_id)
-                        .returning(*jobs.c)
-                    )
-                )
-                .mappings()
-                .first()
-            )
+            taken = delete(jobs).where(jobs.c.id == job_id, jobs.c.lease_id == lease_id)
+            row = await first(conn, taken.returning(*jobs.c))
             if row is None:
                 return None
             values = {f: row[f] for f in _SUCCEEDED_FIELDS if f != "succeeded_at"}
@@ -193,9 +212,7 @@ class SqlStorage:
         if expired_before is not None:
             held += [jobs.c.reserved_at.is_not(None), jobs.c.lease_expires_at <= expired_before]
         async with self._write() as conn:
-            row = (
-                (await conn.execute(select(jobs).where(*held).with_for_update())).mappings().first()
-            )
+            row = await first(conn, select(jobs).where(*held).with_for_update())
             if row is None:
                 return None
             retry_at = decide(row["attempts"], row["max_retries"])
@@ -207,23 +224,17 @@ class SqlStorage:
         self, conn: AsyncConnection, job_id: str, available_at: datetime, now: datetime
     ) -> Job:
         """Pending again at `available_at`; the lease id stays so a late ack still counts."""
-        row = (
-            (
-                await conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == job_id)
-                    .values(
-                        available_at=available_at,
-                        reserved_at=None,
-                        reserved_by=None,
-                        lease_expires_at=None,
-                    )
-                    .returning(*jobs.c)
-                )
+        stmt = (
+            update(jobs)
+            .where(jobs.c.id == job_id)
+            .values(
+                available_at=available_at, reserved_at=None, reserved_by=None, lease_expires_at=None
             )
-            .mappings()
-            .one()
+            .returning(*jobs.c)
         )
+        row = await first(conn, stmt)
+        assert row is not None  # the caller holds the row
+        await self._announce(conn, row["name"], available_at)
         return job_from(row, now)
 
     async def _bury(
@@ -254,30 +265,26 @@ class SqlStorage:
         return result.rowcount == 1
 
     async def release(self, job_id: str, lease_id: str, now: datetime) -> Job | None:
-        async with self._write() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        update(jobs)
-                        .where(
-                            jobs.c.id == job_id,
-                            jobs.c.lease_id == lease_id,
-                            jobs.c.reserved_at.is_not(None),
-                        )
-                        .values(
-                            reserved_at=None,
-                            reserved_by=None,
-                            lease_id=None,
-                            lease_expires_at=None,
-                            attempts=jobs.c.attempts - 1,
-                        )
-                        .returning(*jobs.c)
-                    )
-                )
-                .mappings()
-                .first()
+        stmt = (
+            update(jobs)
+            .where(
+                jobs.c.id == job_id, jobs.c.lease_id == lease_id, jobs.c.reserved_at.is_not(None)
             )
-        return None if row is None else job_from(row, now)
+            .values(
+                reserved_at=None,
+                reserved_by=None,
+                lease_id=None,
+                lease_expires_at=None,
+                attempts=jobs.c.attempts - 1,
+            )
+            .returning(*jobs.c)
+        )
+        async with self._write() as conn:
+            row = await first(conn, stmt)
+            if row is None:
+                return None
+            await self._announce(conn, row["name"], row["available_at"])
+        return job_from(row, now)
 
     # -- reaper and diagnosis -----------------------------------------------------------
 
@@ -317,19 +324,13 @@ class SqlStorage:
 
     async def get(self, job_id: str, now: datetime) -> AnyJob | None:
         async with self._read() as conn:
-            row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().first()
+            row = await first(conn, select(jobs).where(jobs.c.id == job_id))
             if row is not None:
                 return job_from(row, now)
-            row = (
-                (await conn.execute(select(succeeded).where(succeeded.c.id == job_id)))
-                .mappings()
-                .first()
-            )
+            row = await first(conn, select(succeeded).where(succeeded.c.id == job_id))
             if row is not None:
                 return succeeded_from(row)
-            row = (
-                (await conn.execute(select(failed).where(failed.c.id == job_id))).mappings().first()
-            )
+            row = await first(conn, select(failed).where(failed.c.id == job_id))
         return None if row is None else failed_from(row)
 
     async def cancel(self, job_id: str) -> CancelResult:
@@ -349,14 +350,8 @@ class SqlStorage:
 
     async def retry_failed(self, job_id: str, now: datetime) -> Job | None:
         async with self._write() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        delete(failed).where(failed.c.id == job_id).returning(*failed.c)
-                    )
-                )
-                .mappings()
-                .first()
+            row = await first(
+                conn, delete(failed).where(failed.c.id == job_id).returning(*failed.c)
             )
             if row is None:
                 return None
@@ -371,6 +366,7 @@ class SqlStorage:
                 "lease_seq": row["lease_seq"],
             }
             await conn.execute(insert(jobs), values)
+            await self._announce(conn, row["name"], now)
         return job_from({**values, "reserved_at": None, "reserved_by": None}, now)
 
     async def list_pending(self, query: PendingQuery, now: datetime) -> list[Job]:
