@@ -1,4 +1,9 @@
-"""Fixtures: the real app on a real SQLite file per test, and real server processes."""
+"""Fixtures: the real app on a real database per test (a SQLite file, and a database on a
+throwaway PostgreSQL server), and real server processes.
+
+Every test that asks for `db_url` (or `app`, `client`, `service`) runs once per backend.
+Without a PostgreSQL server the PostgreSQL half is skipped, saying why; under CI it fails.
+"""
 
 import os
 import signal
@@ -19,6 +24,9 @@ from app.main import create_app
 from app.queue.clock import OffsetClock
 from app.queue.service import QueueService
 from app.settings import Settings
+from tests.pgcluster import PgCluster, missing_reason
+
+BACKENDS = ("sqlite", "postgres")
 
 
 @pytest.fixture
@@ -26,9 +34,50 @@ def clock() -> OffsetClock:
     return OffsetClock()
 
 
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    reason = missing_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL tests, but {reason}")
+        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    cluster = PgCluster(free_port())
+    try:
+        cluster.start()
+        template = cluster.create_database()
+        migrate = [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "migrate",
+            "--database-url",
+            cluster.url(template),
+        ]
+        subprocess.run(migrate, check=True, capture_output=True, timeout=60)
+        cluster.template = template
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'bgjobs.db'}"
+def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, migrated database of the backend under test."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'bgjobs.db'}"
+        return
+    cluster: PgCluster = request.getfixturevalue("pg_cluster")
+    name = cluster.create_database(template=cluster.template)
+    try:
+        yield cluster.url(name)
+    finally:
+        cluster.drop_database(name)
 
 
 @pytest.fixture

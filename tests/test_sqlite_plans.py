@@ -9,9 +9,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import event
 
 from app.queue.service import QueueService
+
+
+@pytest.fixture
+def backend() -> str:
+    """These plans are SQLite's (tests/test_postgres.py explains PostgreSQL's)."""
+    return "sqlite"
 
 
 async def captured(
