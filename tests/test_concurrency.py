@@ -29,9 +29,9 @@ async def test_50_concurrent_lease_requests_over_500_jobs_lease_each_once(
     assert len(listed["items"]) == 500
 
 
-async def test_concurrent_leases_through_a_real_server(server_process: object) -> None:
+async def test_concurrent_leases_through_a_real_server(server_process: object, db_url: str) -> None:
     """The same race through uvicorn and real sockets, with long polls and acks."""
-    with server_process() as server:  # type: ignore[operator]
+    with server_process(database_url=db_url) as server:  # type: ignore[operator]
         assert isinstance(server, ServerProcess)
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             jobs = await asyncio.gather(*(enqueue(http, payload=str(i)) for i in range(500)))

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 
 
-def test_data_survives_a_restart_and_a_kill(server_process: Any, tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'restart.db'}"
+def test_data_survives_a_restart_and_a_kill(server_process: Any, db_url: str) -> None:
+    url = db_url.replace("+aiosqlite", "")  # the plain sqlite:/// form is accepted too
     with server_process(database_url=url) as server:
         pending = httpx.post(f"{server.url}/jobs", json={"name": "a", "payload": "1"}).json()
         done = httpx.post(f"{server.url}/jobs", json={"name": "b", "payload": "2"}).json()
