@@ -3,6 +3,7 @@
 Each query is captured as the SQLite backend really sends it, then explained by SQLite.
 """
 
+import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -27,7 +28,11 @@ async def captured(
     statements: list[tuple[str, Any]] = []
     engine = service.storage.engine.sync_engine  # type: ignore[attr-defined]
 
+    me = asyncio.current_task()
+
     def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if asyncio.current_task() is not me:  # the reaper's queries
+            return
         if not statement.lstrip().upper().startswith(("BEGIN", "PRAGMA")):
             statements.append((statement, params))
 

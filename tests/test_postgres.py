@@ -1,0 +1,164 @@
+"""What only PostgreSQL does: plans with SKIP LOCKED, time zones, LISTEN/NOTIFY wake-ups
+between replicas, and a LISTEN connection that comes back after it drops."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.main import create_app
+from app.queue.service import QueueService
+from app.settings import Settings
+from tests.conftest import enqueue, lease
+
+
+@pytest.fixture
+def backend() -> str:
+    return "postgres"
+
+
+def engine_of(service: QueueService) -> AsyncEngine:
+    engine: AsyncEngine = service.storage.engine  # type: ignore[attr-defined]
+    return engine
+
+
+async def explain(service: QueueService, call: Callable[[], Awaitable[Any]]) -> str:
+    """EXPLAIN the statement `call` sends, with the parameters it sends."""
+    sent: list[tuple[str, Any]] = []
+
+    me = asyncio.current_task()
+
+    def capture(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if asyncio.current_task() is me:  # not the reaper's queries
+            sent.append((statement, params))
+
+    engine = engine_of(service)
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        await call()
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+    statement, params = sent[-1]
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        rows = await raw.fetch(f"EXPLAIN {statement}", *params)
+        await conn.rollback()
+    return "\n".join(row[0] for row in rows)
+
+
+async def fill(service: QueueService, count: int, names: tuple[str, ...] = ("a", "b")) -> None:
+    """A backlog big enough that the planner prefers indexes, as it will in production."""
+    async with engine_of(service).begin() as conn:
+        for name in names:
+            await conn.execute(
+                text(
+                    "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, "
+                    "available_at, lease_seq) SELECT :name || g, :name, 'p', 0, 3, now(), "
+                    "now() - make_interval(secs => g), 0 FROM generate_series(1, :n) g"
+                ),
+                {"name": name, "n": count},
+            )
+        await conn.execute(text("ANALYZE jobs"))
+
+
+async def test_reserve_locks_with_skip_locked_through_the_ready_index(
+    service: QueueService,
+) -> None:
+    await fill(service, 20_000)
+    now = service.clock.now()
+    plan = await explain(
+        service,
+        lambda: service.storage.reserve(["a", "b"], "w", 5, now, now + timedelta(seconds=30)),
+    )
+    assert plan.count("ix_jobs_ready") == 2, plan
+    assert "LockRows" in plan and "CTE picked" in plan, plan
+    assert "Seq Scan on jobs" not in plan, plan
+
+
+async def test_reaper_and_history_use_indexes(service: QueueService) -> None:
+    await fill(service, 20_000)
+    now = service.clock.now()
+    plan = await explain(service, lambda: service.storage.expired_leases(now, 100))
+    assert "ix_jobs_lease_expiry" in plan, plan
+    plan = await explain(service, lambda: service.storage.next_due(["a"], now))
+    assert "ix_jobs_ready" in plan, plan
+
+
+async def test_timestamps_are_stored_with_time_zone(service: QueueService) -> None:
+    async with engine_of(service).connect() as conn:
+        types = (
+            (
+                await conn.execute(
+                    text(
+                        "SELECT DISTINCT data_type FROM information_schema.columns "
+                        "WHERE table_name IN ('jobs', 'succeeded_jobs', 'failed_jobs') "
+                        "AND column_name LIKE '%\\_at'"
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert types == ["timestamp with time zone"]
+
+
+@asynccontextmanager
+async def replica(db_url: str, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A second server on the same database, in this process but sharing nothing with it."""
+    app = create_app(Settings(database_url=db_url, **settings))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+            yield client
+
+
+async def wake_latency(waiter: httpx.AsyncClient, producer: httpx.AsyncClient) -> float:
+    waiting = asyncio.create_task(lease(waiter, wait_ms=10_000))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    job = await enqueue(producer)
+    leases = await asyncio.wait_for(waiting, 10)
+    assert [entry["job"]["id"] for entry in leases] == [job["id"]]
+    return time.monotonic() - started
+
+
+async def test_enqueue_on_one_replica_wakes_a_long_poll_on_another(db_url: str) -> None:
+    async with (
+        replica(db_url, poll_recheck_ms=5000) as one,
+        replica(db_url, poll_recheck_ms=5000) as two,
+    ):
+        latencies = [await wake_latency(one, two) for _ in range(5)]
+    assert max(latencies) < 0.5, latencies  # NOTIFY, not the 5 s re-check
+
+
+async def test_listen_connection_comes_back_after_it_drops(db_url: str) -> None:
+    async with (
+        replica(db_url, poll_recheck_ms=5000) as one,
+        replica(db_url, poll_recheck_ms=5000) as two,
+    ):
+        await wake_latency(one, two)
+        async with replica(db_url) as admin_side:
+            assert admin_side is not None
+        killer = create_app(Settings(database_url=db_url))
+        async with killer.router.lifespan_context(killer):
+            engine = engine_of(killer.state.service)
+            async with engine.begin() as conn:
+                killed = (
+                    await conn.execute(
+                        text(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE query LIKE 'LISTEN%' AND datname = current_database()"
+                        )
+                    )
+                ).scalar()
+        assert killed and killed >= 2
+        await asyncio.sleep(0.6)  # the listeners reconnect after 0.1 s
+        assert await wake_latency(one, two) < 0.5
+        assert await wake_latency(two, one) < 0.5
