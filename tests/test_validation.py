@@ -9,6 +9,7 @@ checked unchanged: no job written, a reserved job still reserved with the same a
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 
 from app.main import create_app
 from app.queue.clock import OffsetClock
+from app.queue.cursor import encode_cursor
 from app.settings import Settings
 from tests.conftest import enqueue, lease
 
@@ -27,6 +29,8 @@ JSON_TYPE = {"content-type": JSON}
 HEX_ID = "0123456789abcdef0123456789abcdef"
 LONG_ID = "a" * 1000
 MIB = 1024 * 1024
+# A well-formed pending-list cursor whose job id holds a NUL character.
+NUL_CURSOR = encode_cursor("pending", datetime(2026, 1, 1, tzinfo=UTC), "a\x00b")
 NO_JSON: Any = object()  # "send no `json=`", so a JSON null body can still be spelled out
 
 
@@ -178,6 +182,7 @@ ENQUEUE_CASES = [
     post_job("payload-null", PAYLOAD_HINT, payload=None),
     post_job("payload-list", PAYLOAD_HINT, payload=["a"]),
     post_job("payload-bool", PAYLOAD_HINT, payload=True),
+    post_job("payload-nul", "body.payload: must not contain NUL", payload="a\x00b"),
     raw_job("payload-lone-surrogate", "body.payload", b'{"name": "a", "payload": "\\ud800"}', JSON),
     post_job("name-empty", f"body.name: {NAME_HINT}", name=""),
     post_job("name-256-chars", f"body.name: {NAME_HINT}", name="n" * 256),
@@ -241,6 +246,7 @@ LEASE_CASES = [
     post_lease(
         "256-char-worker-id", "body.worker_id: String should have at most 255", worker_id="w" * 256
     ),
+    post_lease("worker-id-nul", "body.worker_id: must not contain NUL", worker_id="w\x00"),
     post_lease("worker-id-number", "body.worker_id: Input should be a valid string", worker_id=1),
     post_lease("missing-names", "body.names: Field required", names=NO_JSON),
     post_lease("names-empty", "body.names: List should have at least 1", names=[]),
@@ -276,6 +282,7 @@ def extend_case(case_id: str, detail: str, path: str = EXTEND, **fields: Any) ->
 LEASE_BODY_CASES = [
     bad("fail-no-body", "POST", FAIL, 422, NO_BODY),
     fail_case("fail-missing-exception", "body.exception: Field required", exception=NO_JSON),
+    fail_case("fail-exception-nul", "body.exception: must not contain NUL", exception="x\x00"),
     fail_case("fail-exception-number", "body.exception: Input should be a valid", exception=5),
     fail_case("fail-exception-64kib-chars", "body.exception", exception="x" * 65_537),
     fail_case("fail-exception-64kib-utf8", "over 64 KiB of UTF-8", exception="é" * 32_769),
@@ -302,6 +309,7 @@ LIST_CASES = [
     bad("succeeded-cursor-garbage", "GET", "/jobs/succeeded?cursor=garbage", 422, NOT_ISSUED),
     bad("failed-name-with-slash", "GET", "/jobs/failed?name=a%2Fb", 422, "query.name"),
     bad("failed-cursor-garbage", "GET", "/jobs/failed?cursor=garbage", 422, NOT_ISSUED),
+    bad("cursor-with-nul-id", "GET", f"/jobs?cursor={NUL_CURSOR}", 422, NOT_ISSUED),
 ]
 
 JOB_ACTIONS = [
@@ -315,6 +323,7 @@ UNKNOWN_JOB_IDS = [
     ("dotdot-slash-etc", "..%2Fetc", "not found"),  # decoded to /jobs/../etc by the server
     ("dotdot", "%2E%2E", "not found"),
     ("1000-chars", LONG_ID, "not found"),
+    ("nul", "a%00b", "not found"),
 ]
 UNKNOWN_JOB_CASES = [
     bad(f"{action}-job-{label}", method, path.format(id=job_id), 404, detail)
@@ -335,6 +344,7 @@ UNKNOWN_LEASE_IDS = [
     ("abc.-1", "abc.-1", "lease 'abc.-1' not found"),
     ("abc.01", "abc.01", "lease 'abc.01' not found"),
     ("1000-chars", LONG_ID + ".1", "not found"),
+    ("nul", "a%00b.1", "not found"),
 ]
 UNKNOWN_LEASE_CASES = [
     bad(f"{action}-lease-{label}", method, path.format(id=lease_id), 404, detail, **body)

@@ -60,7 +60,17 @@ def _payload(value: object) -> str:
         value.encode()
     except UnicodeEncodeError as exc:
         raise ValueError("payload is not valid Unicode text (it has a lone surrogate)") from exc
+    return no_nul(value)
+
+
+def no_nul(value: str) -> str:
+    """Text columns cannot hold NUL on PostgreSQL; refuse it on every backend alike."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters (\\u0000)")
     return value
+
+
+NoNul = AfterValidator(no_nul)
 
 
 def _exception_size(value: str) -> str:
@@ -106,7 +116,8 @@ Payload = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "description": "Opaque to the server; encode structured data as a string.",
+            "description": "Opaque to the server; encode structured data as a string. "
+            "Any Unicode text but NUL (\\u0000).",
             "example": '{"to": "ada@example.com"}',
         }
     ),
@@ -176,7 +187,7 @@ class LeaseRequest(StrictBody):
         }
     )
 
-    worker_id: str = Field(
+    worker_id: Annotated[str, NoNul] = Field(
         min_length=1,
         max_length=255,
         strict=True,
@@ -202,7 +213,7 @@ class FailRequest(StrictBody):
         json_schema_extra={"examples": [{"exception": "SMTP timeout", "retry_in_ms": 5000}]}
     )
 
-    exception: Annotated[str, AfterValidator(_exception_size)] = Field(
+    exception: Annotated[str, NoNul, AfterValidator(_exception_size)] = Field(
         max_length=65536, strict=True, description="What went wrong (up to 64 KiB of UTF-8)."
     )
     retry_in_ms: int | None = strict_int(

@@ -19,7 +19,7 @@ def decode_cursor(kind: str, cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         tag, at, job_id = json.loads(raw)
         moment = datetime.fromisoformat(at)
-        if tag != kind or not isinstance(job_id, str) or moment.tzinfo is None:
+        if tag != kind or not isinstance(job_id, str) or "\x00" in job_id or not moment.tzinfo:
             raise ValueError(cursor)
     except (ValueError, TypeError, RecursionError, binascii.Error) as exc:
         raise InvalidCursor(

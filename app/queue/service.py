@@ -76,6 +76,11 @@ def new_job_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
+def could_exist(some_id: str) -> bool:
+    """Ids never hold NUL, and PostgreSQL cannot even compare such a string: don't ask it."""
+    return "\x00" not in some_id
+
+
 class QueueService:
     def __init__(
         self,
@@ -247,7 +252,7 @@ class QueueService:
 
     def _job_of(self, lease_id: str) -> str:
         parsed = parse_lease_id(lease_id)
-        if parsed is None:
+        if parsed is None or not could_exist(lease_id):
             raise NotFound(f"lease {lease_id!r} not found")
         return parsed[0]
 
@@ -280,14 +285,14 @@ class QueueService:
         await self.storage.ping()
 
     async def get(self, job_id: str) -> AnyJob:
-        job = await self.storage.get(job_id, self.clock.now())
+        job = await self.storage.get(job_id, self.clock.now()) if could_exist(job_id) else None
         if job is None:
             raise NotFound(f"job {job_id!r} not found")
         return job
 
     async def cancel(self, job_id: str) -> None:
         """Delete a pending job or a finished job's record; a reserved job belongs to its worker."""
-        result = await self.storage.cancel(job_id)
+        result = await self.storage.cancel(job_id) if could_exist(job_id) else "missing"
         if result == "reserved":
             raise Conflict(
                 f"job {job_id} is reserved by a worker; wait for its lease to end, then delete it"
@@ -297,11 +302,9 @@ class QueueService:
 
     async def retry(self, job_id: str) -> Job:
         now = self.clock.now()
-        job = await self.storage.retry_failed(job_id, now)
+        job = await self.storage.retry_failed(job_id, now) if could_exist(job_id) else None
         if job is None:
-            current = await self.storage.get(job_id, now)
-            if current is None:
-                raise NotFound(f"job {job_id!r} not found")
+            current = await self.get(job_id)
             raise Conflict(f"job {job_id} is {current.state}, not failed; only failed jobs retry")
         self.notifier.notify(job.name, 1)
         return job
