@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     reaper_interval_ms: int = Field(default=250, ge=10, le=1000)
     poll_recheck_ms: int = Field(default=1000, ge=10)
     auto_migrate: bool = True
+    db_pool_size: int = Field(default=10, ge=1, le=500)
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 

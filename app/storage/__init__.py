@@ -4,7 +4,7 @@ from app.storage.base import Storage
 from app.storage.migrate import head_revision
 
 
-def open_storage(url: str, *, sqlite_synchronous: str = "NORMAL") -> Storage:
+def open_storage(url: str, *, sqlite_synchronous: str = "NORMAL", pool_size: int = 10) -> Storage:
     """The backend for a (normalized) SQLAlchemy database URL."""
     if url.startswith("sqlite+aiosqlite:"):
         from app.storage.sqlite import SqliteStorage
@@ -13,7 +13,7 @@ def open_storage(url: str, *, sqlite_synchronous: str = "NORMAL") -> Storage:
     if url.startswith("postgresql+asyncpg:"):
         from app.storage.postgres import PostgresStorage
 
-        return PostgresStorage(url)
+        return PostgresStorage(url, pool_size=pool_size)
     raise ValueError(
         f"unsupported database URL {url!r}: use sqlite+aiosqlite:///path.db "
         "or postgresql+asyncpg://user:password@host/database"
