@@ -1,7 +1,6 @@
 """Wires settings, storage, notifier, service and routes into the ASGI app `app.main:app`."""
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +10,7 @@ from fastapi.routing import APIRoute
 from app.api import errors, health, jobs, leases
 from app.queue.clock import Clock, SystemClock
 from app.queue.notifier import Notifier
-from app.queue.service import Limits, QueueService
+from app.queue.service import Limits, QueueService, repeat
 from app.settings import Settings
 from app.storage import ensure_schema, open_storage
 
@@ -50,17 +49,26 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             retry_base_ms=settings.retry_base_ms,
             retry_max_ms=settings.retry_max_ms,
             poll_recheck_ms=settings.poll_recheck_ms,
+            retain_succeeded_hours=settings.retain_succeeded_hours,
+            retain_failed_hours=settings.retain_failed_hours,
         )
         service = QueueService(storage, notifier, clock, limits)
         app.state.service = service
         await storage.listen(service.job_ready_elsewhere, notifier.wake_all)
-        reaper = asyncio.create_task(service.reap_forever(settings.reaper_interval_ms / 1000))
+        maintenance = [
+            asyncio.create_task(
+                repeat(settings.reaper_interval_ms / 1000, service.reap_expired, "reaping")
+            ),
+            asyncio.create_task(
+                repeat(settings.prune_interval_s, service.prune_history, "pruning history")
+            ),
+        ]
         try:
             yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            for task in maintenance:
+                task.cancel()
+            await asyncio.gather(*maintenance, return_exceptions=True)
             notifier.close()
             await storage.close()
 

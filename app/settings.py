@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     retry_max_ms: int = Field(default=3_600_000, ge=0)
     reaper_interval_ms: int = Field(default=250, ge=10, le=1000)
     poll_recheck_ms: int = Field(default=1000, ge=10)
+    retain_succeeded_hours: int = Field(default=7 * 24, ge=0)
+    retain_failed_hours: int = Field(default=30 * 24, ge=0)
+    prune_interval_s: float = Field(default=60, gt=0)
     auto_migrate: bool = True
     db_pool_size: int = Field(default=10, ge=1, le=500)
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"

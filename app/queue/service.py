@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
@@ -50,6 +50,8 @@ class Limits:
     retry_base_ms: int = 1000
     retry_max_ms: int = 3_600_000
     poll_recheck_ms: int = 1000
+    retain_succeeded_hours: int = 7 * 24  # 0: keep forever
+    retain_failed_hours: int = 30 * 24
 
 
 T = TypeVar("T")
@@ -74,6 +76,16 @@ def _page(items: list[T], limit: int, key: Callable[[T], str]) -> Page[T]:
 def new_job_id() -> str:
     """Time-ordered (48-bit milliseconds, then 80 random bits) so inserts land together."""
     return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+async def repeat(interval_s: float, task: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run a maintenance task forever; a failure is logged and retried at the next tick."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await task()
+        except Exception:
+            log.exception("%s failed", what)
 
 
 def could_exist(some_id: str) -> bool:
@@ -241,14 +253,28 @@ class QueueService:
             if len(expired) < batch:
                 return reaped
 
-    async def reap_forever(self, interval_s: float) -> None:
-        """The reaper: no job stays reserved for long after its lease expired."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.reap_expired()
-            except Exception:  # keep reaping; the next tick retries what failed
-                log.exception("reaping expired leases failed")
+    async def prune_history(self, batch: int = 1000) -> int:
+        """Delete succeeded and failed jobs past their retention, in bounded batches.
+
+        Each batch is its own short transaction and the loop yields between batches, so
+        leasing never waits behind a large delete.
+        """
+        pruned = 0
+        now = self.clock.now()
+        for kind, hours in (
+            ("succeeded", self.limits.retain_succeeded_hours),
+            ("failed", self.limits.retain_failed_hours),
+        ):
+            if hours <= 0:
+                continue
+            before = now - timedelta(hours=hours)
+            while True:
+                count = await self.storage.prune(kind, before, batch)  # type: ignore[arg-type]
+                pruned += count
+                await asyncio.sleep(0)
+                if count < batch:
+                    break
+        return pruned
 
     def _job_of(self, lease_id: str) -> str:
         parsed = parse_lease_id(lease_id)

@@ -122,3 +122,8 @@ class Storage(Protocol):
     async def list_succeeded(self, query: HistoryQuery) -> list[SucceededJob]: ...
 
     async def list_failed(self, query: HistoryQuery) -> list[FailedJob]: ...
+
+    async def prune(
+        self, kind: Literal["succeeded", "failed"], before: datetime, limit: int
+    ) -> int:
+        """Delete up to `limit` of the oldest history rows finished before `before`."""

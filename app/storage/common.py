@@ -7,7 +7,7 @@ reserve statement (the one place where SQLite and PostgreSQL differ in substance
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Executable,
@@ -384,6 +384,20 @@ class SqlStorage:
         async with self._read() as conn:
             rows = (await conn.execute(stmt)).mappings().all()
         return [job_from(row, now) for row in rows]
+
+    async def prune(
+        self, kind: Literal["succeeded", "failed"], before: datetime, limit: int
+    ) -> int:
+        """One short transaction per batch, oldest first along the history index."""
+        table, finished = (
+            (succeeded, succeeded.c.succeeded_at)
+            if kind == "succeeded"
+            else (failed, failed.c.failed_at)
+        )
+        oldest = select(table.c.id).where(finished < before).order_by(finished).limit(limit)
+        async with self._write() as conn:
+            result = await conn.execute(delete(table).where(table.c.id.in_(oldest)))
+        return result.rowcount
 
     async def list_succeeded(self, query: HistoryQuery) -> list[SucceededJob]:
         rows = await self._history(succeeded, succeeded.c.succeeded_at, query)
