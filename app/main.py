@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.api import errors, health, jobs, leases
+from app.api.limits import BodyLimit
 from app.queue.clock import Clock, SystemClock
 from app.queue.notifier import Notifier
 from app.queue.service import Limits, QueueService, repeat
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             retry_base_ms=settings.retry_base_ms,
             retry_max_ms=settings.retry_max_ms,
             poll_recheck_ms=settings.poll_recheck_ms,
+            max_waiting_polls=settings.max_waiting_polls,
             retain_succeeded_hours=settings.retain_succeeded_hours,
             retain_failed_hours=settings.retain_failed_hours,
         )
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         generate_unique_id_function=_operation_id,
     )
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     for module in (jobs, leases, health):
         app.include_router(module.router)
     return app

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_payload_bytes: int = Field(default=1024 * 1024, ge=1)
+    # Room for a payload at its limit after JSON escaping, and the other fields.
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_waiting_polls: int = Field(default=1000, ge=1)
     retry_base_ms: int = Field(default=1000, ge=0)
     retry_max_ms: int = Field(default=3_600_000, ge=0)
     reaper_interval_ms: int = Field(default=250, ge=10, le=1000)
@@ -37,6 +40,7 @@ class Settings(BaseSettings):
     retain_failed_hours: int = Field(default=30 * 24, ge=0)
     prune_interval_s: float = Field(default=60, gt=0)
     auto_migrate: bool = True
+    shutdown_grace_s: int = Field(default=10, ge=1, le=600)
     db_pool_size: int = Field(default=10, ge=1, le=500)
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

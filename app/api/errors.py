@@ -7,11 +7,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from app.api.limits import BodyTooLarge
 from app.api.schemas import ErrorOut, ValidationErrorOut
 from app.queue.errors import (
     Conflict,
     InvalidCursor,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     QueueError,
     StorageUnavailable,
@@ -23,14 +25,16 @@ STATUS: dict[type[QueueError], int] = {
     PayloadTooLarge: 413,
     InvalidCursor: 422,
     StorageUnavailable: 503,
+    Overloaded: 503,
 }
 
 _DESCRIPTIONS = {
     404: "Unknown job or lease.",
     409: "The job's current state forbids this (details in `detail`).",
-    413: "The payload is over the configured size limit.",
+    413: "The payload or the request body is over the configured size limit.",
     422: "Invalid input: malformed JSON, a wrong type, an out-of-range value or an unknown field.",
-    503: "The database is unavailable; retry later.",
+    503: "The database is unavailable, or too many long polls are open; retry after "
+    "`Retry-After` seconds.",
 }
 
 
@@ -64,6 +68,8 @@ async def queue_error(_request: Request, exc: Exception) -> JSONResponse:
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's errors as JSON; a body too deeply nested to parse is malformed JSON too."""
     assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, BodyTooLarge):
+        return JSONResponse({"detail": str(exc.__cause__)}, status_code=413)
     if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
         detail = "malformed JSON: nested too deeply"
         errors = [{"loc": ["body"], "msg": detail, "type": "json_invalid"}]

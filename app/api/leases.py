@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 
 from app.api.deps import Service
 from app.api.errors import responses
@@ -35,12 +35,17 @@ FENCED = responses(404, 409)
     response_description="The leases granted; an empty list when the wait ended with none.",
     responses=responses(),
 )
-async def lease_jobs(body: LeaseRequest, service: Service) -> LeasesOut:
+async def lease_jobs(body: LeaseRequest, request: Request, service: Service) -> LeasesOut:
     """Reserve up to `max_jobs` available jobs of `names`, oldest first. With none available,
     wait up to `wait_ms` and answer as soon as one is enqueued or comes due, or with an empty
     list when the wait ends."""
     leases = await service.lease(
-        body.worker_id, body.names, body.max_jobs, body.wait_ms, body.lease_ms
+        body.worker_id,
+        body.names,
+        body.max_jobs,
+        body.wait_ms,
+        body.lease_ms,
+        gone=request.is_disconnected,
     )
     return LeasesOut(leases=[LeaseOut.model_validate(lease) for lease in leases])
 

@@ -30,3 +30,7 @@ class PayloadTooLarge(QueueError):
 
 class StorageUnavailable(QueueError):
     """The database cannot be reached or written right now; the request may be retried."""
+
+
+class Overloaded(QueueError):
+    """Too many long polls are open; the client should retry later."""

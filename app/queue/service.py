@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 from app.queue.backoff import backoff_ms
 from app.queue.clock import Clock
 from app.queue.cursor import decode_cursor, encode_cursor
-from app.queue.errors import Conflict, NotFound, PayloadTooLarge
+from app.queue.errors import Conflict, NotFound, Overloaded, PayloadTooLarge
 from app.queue.models import (
     AnyJob,
     FailedJob,
@@ -38,7 +38,7 @@ from app.queue.models import (
     SucceededJob,
     parse_lease_id,
 )
-from app.queue.notifier import Notifier
+from app.queue.notifier import Notifier, Waiter
 from app.storage.base import HistoryQuery, PendingQuery, Storage
 
 log = logging.getLogger("bgjobs.queue")
@@ -50,6 +50,7 @@ class Limits:
     retry_base_ms: int = 1000
     retry_max_ms: int = 3_600_000
     poll_recheck_ms: int = 1000
+    max_waiting_polls: int = 1000
     retain_succeeded_hours: int = 7 * 24  # 0: keep forever
     retain_failed_hours: int = 30 * 24
 
@@ -107,6 +108,8 @@ class QueueService:
         self.clock = clock
         self.limits = limits
         self._rand = rand
+        self._waiting = 0
+        self.stopping = False
 
     # -- producers ----------------------------------------------------------------------
 
@@ -147,9 +150,19 @@ class QueueService:
     # -- workers ------------------------------------------------------------------------
 
     async def lease(
-        self, worker_id: str, names: Sequence[str], max_jobs: int, wait_ms: int, lease_ms: int
+        self,
+        worker_id: str,
+        names: Sequence[str],
+        max_jobs: int,
+        wait_ms: int,
+        lease_ms: int,
+        gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> list[Lease]:
-        """Reserve now, or wait up to `wait_ms` for a job to be enqueued or come due."""
+        """Reserve now, or wait up to `wait_ms` for a job to be enqueued or come due.
+
+        `gone` tells whether the client has hung up: jobs reserved for a client that left
+        are given back at once instead of waiting for their lease to expire.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
         with self.notifier.waiter(names) as waiter:
@@ -158,10 +171,36 @@ class QueueService:
                 now = self.clock.now()
                 expires = now + timedelta(milliseconds=lease_ms)
                 leases = await self.storage.reserve(names, worker_id, max_jobs, now, expires)
+                if gone is not None and await gone():
+                    await self._give_back(leases)
+                    return []
                 remaining = deadline - loop.time()
-                if leases or remaining <= 0:
+                if leases or remaining <= 0 or self.stopping:
                     return leases
-                await waiter.wait(await self._nap(names, remaining))
+                await self._wait(waiter, await self._nap(names, remaining))
+
+    async def _wait(self, waiter: Waiter, seconds: float) -> None:
+        """Sleep in a long poll, if there is room for one more: waiters are bounded."""
+        if self._waiting >= self.limits.max_waiting_polls:
+            raise Overloaded(
+                f"{self._waiting} long polls are already waiting (the limit); retry shortly"
+            )
+        self._waiting += 1
+        try:
+            await waiter.wait(seconds)
+        finally:
+            self._waiting -= 1
+
+    async def _give_back(self, leases: Sequence[Lease]) -> None:
+        for lease in leases:
+            released = await self.storage.release(lease.job.id, lease.id, self.clock.now())
+            if released is not None:
+                self.notifier.notify(released.name, 1)
+
+    def stop_waiting(self) -> None:
+        """Shutting down: open long polls answer now (with no jobs), new ones do not wait."""
+        self.stopping = True
+        self.notifier.wake_all()
 
     async def _nap(self, names: Sequence[str], remaining: float) -> float:
         """How long a long-poll may sleep: until its deadline, the next job of its names
