@@ -1,4 +1,6 @@
 # bgjobs-server on the embedded SQLite default; the database lives in the /data volume.
+# It listens on all interfaces, so it needs API tokens: pass BGJOBS_API_TOKENS, or mount a
+# file and point BGJOBS_API_TOKENS_FILE at it (see the README's Security section).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import ipaddress
 import socket
 from collections.abc import Sequence
 from types import FrameType
@@ -9,6 +10,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from app.api.auth import parse_tokens
 from app.settings import Settings
 
 
@@ -18,6 +20,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening beyond loopback with no API tokens (anyone reaching the port "
+        "can enqueue, work and delete)",
+    )
     migrate = commands.add_parser("migrate", help="bring the database schema up to date")
     for command in (serve, migrate):
         command.add_argument(
@@ -34,9 +42,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
     )
     if args.command == "serve":
+        refusal = exposure_refusal(settings, args.insecure)
+        if refusal:
+            parser.exit(2, f"bgjobs: {refusal}\n")
         serve_command(settings)
     else:
         asyncio.run(migrate_command(settings))
+
+
+def exposure_refusal(settings: Settings, insecure: bool) -> str | None:
+    """Why an open server (no API tokens) must not listen on this address, if it must not."""
+    try:
+        tokens = parse_tokens(settings.api_tokens, settings.api_tokens_file)
+    except (ValueError, OSError) as exc:
+        return f"bad API token configuration: {exc}"
+    if tokens or insecure or is_loopback(settings.host):
+        return None
+    return (
+        f"refusing to listen on {settings.host} with no API tokens: anyone who can reach it "
+        "could enqueue, lease and delete jobs. Set BGJOBS_API_TOKENS (see the README's "
+        "Security section), listen on 127.0.0.1, or pass --insecure."
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve_command(settings: Settings) -> None:

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.api import errors, health, jobs, leases
+from app.api.auth import parse_tokens
 from app.api.limits import BodyLimit
 from app.queue.clock import Clock, SystemClock
 from app.queue.notifier import Notifier
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
     )
+    app.state.tokens = parse_tokens(settings.api_tokens, settings.api_tokens_file)
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     for module in (jobs, leases, health):

@@ -1,5 +1,6 @@
 """Every setting in one place, read from `BGJOBS_*` environment variables."""
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -39,6 +40,8 @@ class Settings(BaseSettings):
     retain_succeeded_hours: int = Field(default=7 * 24, ge=0)
     retain_failed_hours: int = Field(default=30 * 24, ge=0)
     prune_interval_s: float = Field(default=60, gt=0)
+    api_tokens: str = Field(default="", repr=False)  # never shown in logs or reprs
+    api_tokens_file: Path | None = None
     auto_migrate: bool = True
     shutdown_grace_s: int = Field(default=10, ge=1, le=600)
     db_pool_size: int = Field(default=10, ge=1, le=500)

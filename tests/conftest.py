@@ -132,41 +132,53 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`bgjobs serve` in a child process, as a user would run it."""
+    """`bgjobs serve` in a child process, as a user would run it; its output goes to a file."""
 
-    def __init__(self, database_url: str, port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        port: int,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
         self.database_url = database_url
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.env = {**os.environ, **(env or {})}
+        self.log_path = log or Path(os.devnull)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "serve",
-                "--port",
-                str(self.port),
-                "--database-url",
-                self.database_url,
-            ],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "app.cli",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--database-url",
+                    self.database_url,
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()}")  # type: ignore[union-attr]
+                raise RuntimeError(f"server exited: {self.output()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.05)
         raise RuntimeError("server did not become ready in 20 s")
+
+    def output(self) -> str:
+        """Everything the server printed so far (logs included)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -190,10 +202,12 @@ def server_process(
     def run(
         database_url: str | None = None, port: int | None = None, env: dict[str, str] | None = None
     ) -> Iterator[ServerProcess]:
+        port = port or free_port()
         server = ServerProcess(
             database_url or f"sqlite+aiosqlite:///{tmp_path / 'server.db'}",
-            port or free_port(),
+            port,
             env,
+            tmp_path / f"server-{port}.log",
         )
         started.append(server)
         server.start()

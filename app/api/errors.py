@@ -11,15 +11,19 @@ from app.api.limits import BodyTooLarge
 from app.api.schemas import ErrorOut, ValidationErrorOut
 from app.queue.errors import (
     Conflict,
+    Forbidden,
     InvalidCursor,
     NotFound,
     Overloaded,
     PayloadTooLarge,
     QueueError,
     StorageUnavailable,
+    Unauthenticated,
 )
 
 STATUS: dict[type[QueueError], int] = {
+    Unauthenticated: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     PayloadTooLarge: 413,
@@ -29,6 +33,8 @@ STATUS: dict[type[QueueError], int] = {
 }
 
 _DESCRIPTIONS = {
+    401: "No API token, or an unknown one (only when the server has tokens configured).",
+    403: "The API token lacks the scope this operation needs.",
     404: "Unknown job or lease.",
     409: "The job's current state forbids this (details in `detail`).",
     413: "The payload or the request body is over the configured size limit.",
@@ -41,7 +47,7 @@ _DESCRIPTIONS = {
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route can answer, so clients know them."""
     out: dict[int | str, dict[str, Any]] = {}
-    for status in (*statuses, 422, 503):
+    for status in (*statuses, 401, 403, 422, 503):
         model = ValidationErrorOut if status == 422 else ErrorOut
         out[status] = {"model": model, "description": _DESCRIPTIONS[status]}
     return out
@@ -58,6 +64,8 @@ async def queue_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, QueueError)
     status = status_of(exc)
     headers = {"Retry-After": "1"} if status == 503 else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     body: dict[str, Any] = {"detail": exc.detail}
     if status == 422:  # the same shape as every other 422
         loc, kind = list(getattr(exc, "field", ())), getattr(exc, "kind", "invalid")

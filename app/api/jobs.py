@@ -4,6 +4,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Response
 
+from app.api.auth import require
 from app.api.deps import Service
 from app.api.errors import responses
 from app.api.schemas import (
@@ -34,6 +35,7 @@ JobId = Annotated[str, Path(description="The job id.")]
     "",
     status_code=201,
     operation_id="enqueue_job",
+    dependencies=[require("enqueue")],
     summary="Enqueue a job",
     response_description="The job, pending. `Location` names its URL.",
     responses=responses(413),
@@ -51,6 +53,7 @@ async def enqueue_job(body: EnqueueRequest, response: Response, service: Service
 @router.get(
     "",
     operation_id="list_jobs",
+    dependencies=[require("read")],
     summary="List pending jobs",
     response_description="A page of pending jobs, oldest `available_at` first.",
     responses=responses(),
@@ -75,6 +78,7 @@ async def list_jobs(
 @router.get(
     "/succeeded",
     operation_id="list_succeeded_jobs",
+    dependencies=[require("read")],
     summary="List succeeded jobs",
     response_description="A page of succeeded jobs, newest first.",
     responses=responses(),
@@ -90,6 +94,7 @@ async def list_succeeded_jobs(
 @router.get(
     "/failed",
     operation_id="list_failed_jobs",
+    dependencies=[require("read")],
     summary="List failed jobs",
     response_description="A page of failed jobs, newest first.",
     responses=responses(),
@@ -105,6 +110,7 @@ async def list_failed_jobs(
 @router.get(
     "/{job_id}",
     operation_id="get_job",
+    dependencies=[require("read")],
     summary="Get a job",
     response_description="The job; `state` tells which shape it has.",
     responses=responses(404),
@@ -119,6 +125,7 @@ async def get_job(job_id: JobId, service: Service) -> AnyJobOut:
     "/{job_id}",
     status_code=204,
     operation_id="delete_job",
+    dependencies=[require("admin")],
     summary="Cancel a pending job or delete a finished one",
     response_description="Deleted.",
     responses=responses(404, 409),
@@ -132,6 +139,7 @@ async def delete_job(job_id: JobId, service: Service) -> Response:
 @router.post(
     "/{job_id}/retry",
     operation_id="retry_job",
+    dependencies=[require("admin")],
     summary="Retry a failed job",
     response_description="The job, pending and available again.",
     responses=responses(404, 409),

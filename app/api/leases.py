@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 
+from app.api.auth import require
 from app.api.deps import Service
 from app.api.errors import responses
 from app.api.schemas import (
@@ -22,7 +23,7 @@ from app.api.schemas import (
 )
 from app.queue.models import Retrying
 
-router = APIRouter(prefix="/leases", tags=["leases"])
+router = APIRouter(prefix="/leases", tags=["leases"], dependencies=[require("work")])
 
 LeaseId = Annotated[str, Path(description="The lease id from POST /leases.")]
 FENCED = responses(404, 409)

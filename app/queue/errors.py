@@ -34,3 +34,11 @@ class StorageUnavailable(QueueError):
 
 class Overloaded(QueueError):
     """Too many long polls are open; the client should retry later."""
+
+
+class Unauthenticated(QueueError):
+    """No API token, or one the server does not know."""
+
+
+class Forbidden(QueueError):
+    """An API token without the scope this request needs."""

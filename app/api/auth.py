@@ -1,0 +1,73 @@
+"""Bearer API tokens with scopes.
+
+Tokens come from BGJOBS_API_TOKENS (`token=scope+scope,...`) and/or a file named by
+BGJOBS_API_TOKENS_FILE (the same entries, by commas or lines). With none configured the
+server is open, and `bgjobs serve` then listens on loopback only.
+"""
+
+import hmac
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.queue.errors import Forbidden, Unauthenticated
+
+SCOPES = ("enqueue", "work", "read", "admin")
+Tokens = dict[str, frozenset[str]]
+
+bearer = HTTPBearer(
+    auto_error=False,
+    description="An API token from BGJOBS_API_TOKENS. Scopes: `enqueue` (POST /jobs), "
+    "`work` (/leases), `read` (GET), `admin` (cancel, delete, retry).",
+)
+
+
+def parse_tokens(spec: str, file: Path | None = None) -> Tokens:
+    """`p1=enqueue,w1=work,a1=read+admin` (and the file's entries) as token -> scopes."""
+    text = spec + "\n" + (file.read_text() if file is not None else "")
+    tokens: Tokens = {}
+    for entry in text.replace("\n", ",").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        token, _, scopes = entry.partition("=")
+        token, wanted = token.strip(), {s.strip() for s in scopes.split("+") if s.strip()}
+        if not token or not wanted:
+            raise ValueError("an API token entry must look like token=scope+scope")
+        unknown = wanted - set(SCOPES)
+        if unknown:
+            raise ValueError(f"unknown API token scope(s) {sorted(unknown)}; use {SCOPES}")
+        tokens[token] = frozenset(wanted)
+    return tokens
+
+
+def scopes_of(tokens: Tokens, presented: str) -> frozenset[str] | None:
+    """Compare against every token in constant time, so timing tells nothing."""
+    found: frozenset[str] | None = None
+    for token, scopes in tokens.items():
+        if hmac.compare_digest(token.encode(), presented.encode()):
+            found = scopes
+    return found
+
+
+def require(scope: str) -> Any:
+    """A route dependency: the caller's token must carry `scope` (when tokens are set)."""
+
+    async def check(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        tokens: Tokens = request.app.state.tokens
+        if not tokens:
+            return
+        if credentials is None:
+            raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
+        scopes = scopes_of(tokens, credentials.credentials)
+        if scopes is None:
+            raise Unauthenticated("invalid API token")
+        if scope not in scopes:
+            raise Forbidden(f"this API token lacks the '{scope}' scope")
+
+    return Depends(check)
