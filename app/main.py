@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             max_waiting_polls=settings.max_waiting_polls,
             retain_succeeded_hours=settings.retain_succeeded_hours,
             retain_failed_hours=settings.retain_failed_hours,
+            idempotency_window_hours=settings.idempotency_window_hours,
         )
         service = QueueService(storage, notifier, clock, limits)
         app.state.service = service

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     poll_recheck_ms: int = Field(default=1000, ge=10)
     retain_succeeded_hours: int = Field(default=7 * 24, ge=0)
     retain_failed_hours: int = Field(default=30 * 24, ge=0)
+    idempotency_window_hours: int = Field(default=24, ge=1)
     prune_interval_s: float = Field(default=60, gt=0)
     api_tokens: str = Field(default="", repr=False)  # never shown in logs or reprs
     api_tokens_file: Path | None = None

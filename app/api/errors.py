@@ -12,6 +12,7 @@ from app.api.schemas import ErrorOut, ValidationErrorOut
 from app.queue.errors import (
     Conflict,
     Forbidden,
+    IdempotencyKeyReused,
     InvalidCursor,
     NotFound,
     Overloaded,
@@ -28,6 +29,7 @@ STATUS: dict[type[QueueError], int] = {
     Conflict: 409,
     PayloadTooLarge: 413,
     InvalidCursor: 422,
+    IdempotencyKeyReused: 422,
     StorageUnavailable: 503,
     Overloaded: 503,
 }
@@ -36,7 +38,8 @@ _DESCRIPTIONS = {
     401: "No API token, or an unknown one (only when the server has tokens configured).",
     403: "The API token lacks the scope this operation needs.",
     404: "Unknown job or lease.",
-    409: "The job's current state forbids this (details in `detail`).",
+    409: "The job's current state forbids this, or the job an Idempotency-Key names is gone "
+    "(details in `detail`).",
     413: "The payload or the request body is over the configured size limit.",
     422: "Invalid input: malformed JSON, a wrong type, an out-of-range value or an unknown field.",
     503: "The database is unavailable, or too many long polls are open; retry after "

@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 
 from app.api.auth import require
 from app.api.deps import Service
@@ -28,6 +28,18 @@ Cursor = Annotated[
     str | None,
     Query(max_length=1024, description="The `next_cursor` of the previous page."),
 ]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Makes retries safe: the same key and body within the window return the "
+        "original job (200) instead of enqueuing another.",
+        examples=["order-1234-confirmation"],
+    ),
+]
 JobId = Annotated[str, Path(description="The job id.")]
 
 
@@ -38,16 +50,36 @@ JobId = Annotated[str, Path(description="The job id.")]
     dependencies=[require("enqueue")],
     summary="Enqueue a job",
     response_description="The job, pending. `Location` names its URL.",
-    responses=responses(413),
+    responses={
+        200: {
+            "model": AnyJobOut,
+            "description": "A retry with an Idempotency-Key already used for the same body: "
+            "the original job, in its current state.",
+        },
+        **responses(409, 413),
+    },
 )
-async def enqueue_job(body: EnqueueRequest, response: Response, service: Service) -> JobOut:
+async def enqueue_job(
+    body: EnqueueRequest,
+    response: Response,
+    service: Service,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> AnyJobOut:
     """Commit a job (a 201 means it is durable). Availability is now unless `available_at`
-    or `available_in_ms` is given."""
-    job = await service.enqueue(
-        body.name, body.payload, body.max_retries, body.available_at, body.available_in_ms
+    or `available_in_ms` is given. With an `Idempotency-Key` seen before (within the
+    window, 24 h by default), the same body gets the original job back with a 200, in
+    whatever state it is now, and a different body gets a 422."""
+    job, created = await service.enqueue(
+        body.name,
+        body.payload,
+        body.max_retries,
+        body.available_at,
+        body.available_in_ms,
+        idempotency_key,
     )
+    response.status_code = 201 if created else 200
     response.headers["Location"] = f"/jobs/{job.id}"
-    return JobOut.model_validate(job)
+    return job  # type: ignore[return-value]
 
 
 @router.get(

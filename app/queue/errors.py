@@ -42,3 +42,10 @@ class Unauthenticated(QueueError):
 
 class Forbidden(QueueError):
     """An API token without the scope this request needs."""
+
+
+class IdempotencyKeyReused(QueueError):
+    """An Idempotency-Key sent again with a different request."""
+
+    field = ("header", "Idempotency-Key")
+    kind = "idempotency_key_reused"

@@ -129,3 +129,23 @@ def parse_lease_id(lease_id: str) -> tuple[str, int] | None:
     ):
         return None
     return job_id, int(seq)
+
+
+@dataclass(slots=True, frozen=True)
+class IdempotencyKey:
+    """A producer's key for one enqueue, the fingerprint of its request, and the oldest
+    moment a stored use of the key still counts (older ones have expired)."""
+
+    key: str
+    fingerprint: str
+    not_before: datetime
+
+
+@dataclass(slots=True, frozen=True)
+class Enqueued:
+    """What an enqueue under an idempotency key did: created the job, or found the key's
+    earlier use (`job` None if that job has been deleted since)."""
+
+    job: AnyJob | None
+    created: bool
+    same_request: bool = True

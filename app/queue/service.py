@@ -13,6 +13,8 @@ it only while the job still holds that lease, and this module explains a refusal
 """
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import random
@@ -25,11 +27,19 @@ from typing import Generic, TypeVar
 from app.queue.backoff import backoff_ms
 from app.queue.clock import Clock
 from app.queue.cursor import decode_cursor, encode_cursor
-from app.queue.errors import Conflict, NotFound, Overloaded, PayloadTooLarge
+from app.queue.errors import (
+    Conflict,
+    IdempotencyKeyReused,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+)
 from app.queue.models import (
     AnyJob,
+    Enqueued,
     FailedJob,
     FailOutcome,
+    IdempotencyKey,
     Job,
     Lease,
     NewJob,
@@ -53,6 +63,7 @@ class Limits:
     max_waiting_polls: int = 1000
     retain_succeeded_hours: int = 7 * 24  # 0: keep forever
     retain_failed_hours: int = 30 * 24
+    idempotency_window_hours: int = 24
 
 
 T = TypeVar("T")
@@ -120,8 +131,13 @@ class QueueService:
         max_retries: int,
         available_at: datetime | None = None,
         available_in_ms: int | None = None,
-    ) -> Job:
-        """bg_jobs' JobAvailability: now (both None), at a time, or in N milliseconds."""
+        idempotency_key: str | None = None,
+    ) -> tuple[AnyJob, bool]:
+        """bg_jobs' JobAvailability: now (both None), at a time, or in N milliseconds.
+
+        Returns the job and whether this call created it: with an idempotency key seen
+        within the window, the first request's job comes back instead of a new one.
+        """
         size = len(payload.encode())
         if size > self.limits.max_payload_bytes:
             raise PayloadTooLarge(
@@ -129,13 +145,43 @@ class QueueService:
                 f"{self.limits.max_payload_bytes} bytes"
             )
         now = self.clock.now()
-        if available_at is None:
-            available_at = now + timedelta(milliseconds=available_in_ms or 0)
-        job = await self.storage.enqueue(
-            NewJob(new_job_id(), name, payload, max_retries, now, available_at), now
-        )
-        self._announce(name, available_at, now)
-        return job
+        at = available_at or now + timedelta(milliseconds=available_in_ms or 0)
+        new = NewJob(new_job_id(), name, payload, max_retries, now, at)
+        if idempotency_key is None:
+            job = await self.storage.enqueue(new, now)
+        else:
+            request = [
+                name,
+                payload,
+                available_at and available_at.isoformat(),
+                available_in_ms,
+                max_retries,
+            ]
+            key = IdempotencyKey(
+                idempotency_key,
+                hashlib.sha256(json.dumps(request).encode()).hexdigest(),
+                now - timedelta(hours=self.limits.idempotency_window_hours),
+            )
+            done = await self.storage.enqueue_once(new, now, key)
+            if not done.created:
+                return self._replayed(done, idempotency_key), False
+            assert isinstance(done.job, Job)
+            job = done.job
+        self._announce(name, at, now)
+        return job, True
+
+    @staticmethod
+    def _replayed(done: Enqueued, key: str) -> AnyJob:
+        if not done.same_request:
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key {key!r} was already used for a different request; "
+                "use a new key for a new job"
+            )
+        if done.job is None:
+            raise Conflict(
+                f"the job first enqueued with Idempotency-Key {key!r} has since been deleted"
+            )
+        return done.job
 
     def job_ready_elsewhere(self, name: str, available_at: datetime) -> None:
         """Another replica made a job ready: wake a waiter here too."""
@@ -293,7 +339,8 @@ class QueueService:
                 return reaped
 
     async def prune_history(self, batch: int = 1000) -> int:
-        """Delete succeeded and failed jobs past their retention, in bounded batches.
+        """Delete succeeded and failed jobs past their retention, and expired idempotency
+        keys, in bounded batches.
 
         Each batch is its own short transaction and the loop yields between batches, so
         leasing never waits behind a large delete.
@@ -303,6 +350,7 @@ class QueueService:
         for kind, hours in (
             ("succeeded", self.limits.retain_succeeded_hours),
             ("failed", self.limits.retain_failed_hours),
+            ("idempotency_keys", self.limits.idempotency_window_hours),
         ):
             if hours <= 0:
                 continue

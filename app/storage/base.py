@@ -12,9 +12,11 @@ from typing import Literal, Protocol
 
 from app.queue.models import (
     AnyJob,
+    Enqueued,
     ExpiredLease,
     FailedJob,
     FailOutcome,
+    IdempotencyKey,
     Job,
     Lease,
     NewJob,
@@ -70,6 +72,9 @@ class Storage(Protocol):
         """Raise StorageUnavailable unless the database answers."""
 
     async def enqueue(self, job: NewJob, now: datetime) -> Job: ...
+
+    async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
+        """Enqueue unless `key` was used since `key.not_before`; then report that use."""
 
     async def reserve(
         self,

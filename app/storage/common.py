@@ -20,16 +20,18 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.queue.errors import StorageUnavailable
 from app.queue.models import (
     AnyJob,
     Buried,
+    Enqueued,
     ExpiredLease,
     FailedJob,
     FailOutcome,
+    IdempotencyKey,
     Job,
     NewJob,
     RetryDecision,
@@ -39,11 +41,12 @@ from app.queue.models import (
 )
 from app.storage import migrate
 from app.storage.base import CancelResult, HistoryQuery, LeasePosition, PendingQuery
-from app.storage.tables import FailedJobRow, JobRow, SucceededJobRow
+from app.storage.tables import FailedJobRow, IdempotencyKeyRow, JobRow, SucceededJobRow
 
 jobs = JobRow.__table__  # type: ignore[attr-defined]
 succeeded = SucceededJobRow.__table__  # type: ignore[attr-defined]
 failed = FailedJobRow.__table__  # type: ignore[attr-defined]
+keys = IdempotencyKeyRow.__table__  # type: ignore[attr-defined]
 
 _JOB_FIELDS = (
     "id",
@@ -140,6 +143,8 @@ class SqlStorage:
         """Turn driver errors into the one domain error callers can act on."""
         try:
             yield
+        except IntegrityError:
+            raise  # a race on a unique key: the caller decides
         except DBAPIError as exc:
             raise StorageUnavailable(f"database unavailable: {exc.orig}") from exc
         except OSError as exc:
@@ -159,6 +164,38 @@ class SqlStorage:
     # -- hot path -----------------------------------------------------------------------
 
     async def enqueue(self, job: NewJob, now: datetime) -> Job:
+        async with self._write() as conn:
+            return await self._insert_job(conn, job, now)
+
+    async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
+        """Claim the key and enqueue in one transaction, or report the key's earlier use.
+
+        Two requests racing with one key on PostgreSQL: the loser's insert of the key hits
+        the primary key, its transaction rolls back, and its second try finds the winner's.
+        """
+        for attempt in range(2):
+            try:
+                async with self._write() as conn:
+                    used = await first(
+                        conn, select(keys).where(keys.c.key == key.key).with_for_update()
+                    )
+                    if used is not None and used["created_at"] >= key.not_before:
+                        return Enqueued(
+                            await self._get(conn, used["job_id"], now),
+                            created=False,
+                            same_request=used["fingerprint"] == key.fingerprint,
+                        )
+                    if used is not None:  # expired: the key starts afresh
+                        await conn.execute(delete(keys).where(keys.c.key == key.key))
+                    claim = {"key": key.key, "fingerprint": key.fingerprint, "job_id": job.id}
+                    await conn.execute(insert(keys), {**claim, "created_at": now})
+                    return Enqueued(await self._insert_job(conn, job, now), created=True)
+            except IntegrityError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _insert_job(self, conn: AsyncConnection, job: NewJob, now: datetime) -> Job:
         values = {
             "id": job.id,
             "name": job.name,
@@ -169,9 +206,8 @@ class SqlStorage:
             "available_at": job.available_at,
             "lease_seq": 0,
         }
-        async with self._write() as conn:
-            await conn.execute(insert(jobs), values)
-            await self._announce(conn, job.name, job.available_at)
+        await conn.execute(insert(jobs), values)
+        await self._announce(conn, job.name, job.available_at)
         return job_from({**values, "reserved_at": None, "reserved_by": None}, now)
 
     async def next_due(self, names: Sequence[str], now: datetime) -> datetime | None:
@@ -324,13 +360,16 @@ class SqlStorage:
 
     async def get(self, job_id: str, now: datetime) -> AnyJob | None:
         async with self._read() as conn:
-            row = await first(conn, select(jobs).where(jobs.c.id == job_id))
-            if row is not None:
-                return job_from(row, now)
-            row = await first(conn, select(succeeded).where(succeeded.c.id == job_id))
-            if row is not None:
-                return succeeded_from(row)
-            row = await first(conn, select(failed).where(failed.c.id == job_id))
+            return await self._get(conn, job_id, now)
+
+    async def _get(self, conn: AsyncConnection, job_id: str, now: datetime) -> AnyJob | None:
+        row = await first(conn, select(jobs).where(jobs.c.id == job_id))
+        if row is not None:
+            return job_from(row, now)
+        row = await first(conn, select(succeeded).where(succeeded.c.id == job_id))
+        if row is not None:
+            return succeeded_from(row)
+        row = await first(conn, select(failed).where(failed.c.id == job_id))
         return None if row is None else failed_from(row)
 
     async def cancel(self, job_id: str) -> CancelResult:
@@ -386,17 +425,17 @@ class SqlStorage:
         return [job_from(row, now) for row in rows]
 
     async def prune(
-        self, kind: Literal["succeeded", "failed"], before: datetime, limit: int
+        self, kind: Literal["succeeded", "failed", "idempotency_keys"], before: datetime, limit: int
     ) -> int:
-        """One short transaction per batch, oldest first along the history index."""
-        table, finished = (
-            (succeeded, succeeded.c.succeeded_at)
-            if kind == "succeeded"
-            else (failed, failed.c.failed_at)
-        )
-        oldest = select(table.c.id).where(finished < before).order_by(finished).limit(limit)
+        """One short transaction per batch, oldest first along the table's time index."""
+        table, key, stamp = {
+            "succeeded": (succeeded, succeeded.c.id, succeeded.c.succeeded_at),
+            "failed": (failed, failed.c.id, failed.c.failed_at),
+            "idempotency_keys": (keys, keys.c.key, keys.c.created_at),
+        }[kind]
+        oldest = select(key).where(stamp < before).order_by(stamp).limit(limit)
         async with self._write() as conn:
-            result = await conn.execute(delete(table).where(table.c.id.in_(oldest)))
+            result = await conn.execute(delete(table).where(key.in_(oldest)))
         return result.rowcount
 
     async def list_succeeded(self, query: HistoryQuery) -> list[SucceededJob]:

@@ -121,3 +121,17 @@ class FailedJobRow(SQLModel, table=True):
         Index("ix_failed_jobs_failed_at", "failed_at", "id"),
         Index("ix_failed_jobs_name_failed_at", "name", "failed_at", "id"),
     )
+
+
+class IdempotencyKeyRow(SQLModel, table=True):
+    """A producer's Idempotency-Key: which job its first request created, and a fingerprint
+    of that request, so a retry returns the same job and a reuse for another body is refused."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: str = Field(primary_key=True, max_length=255)
+    fingerprint: str = Field(max_length=64)
+    job_id: str = Field(max_length=64)
+    created_at: datetime = _time()
+
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
