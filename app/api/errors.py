@@ -76,13 +76,24 @@ async def queue_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_PARSE_FAILURES: dict[type[BaseException], str] = {
+    RecursionError: "nested too deeply",
+    UnicodeDecodeError: "the body is not UTF-8 text",
+}
+
+
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
-    """Starlette's errors as JSON; a body too deeply nested to parse is malformed JSON too."""
+    """Starlette's errors as JSON. A body FastAPI cannot even parse (too deep, not UTF-8)
+    is malformed JSON like any other: a 422, not FastAPI's bare 400."""
     assert isinstance(exc, HTTPException)
     if isinstance(exc.__cause__, BodyTooLarge):
         return JSONResponse({"detail": str(exc.__cause__)}, status_code=413)
-    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
-        detail = "malformed JSON: nested too deeply"
+    if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+        reason = next(
+            (text for kind, text in _PARSE_FAILURES.items() if isinstance(exc.__cause__, kind)),
+            "the body cannot be parsed",
+        )
+        detail = f"malformed JSON: {reason}"
         errors = [{"loc": ["body"], "msg": detail, "type": "json_invalid"}]
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -124,8 +125,20 @@ Payload = Annotated[
 ]
 
 
+def _integral(value: object) -> object:
+    """JSON Schema counts 3.0 as an integer, so we do too; strings, booleans and 3.5 still
+    fail the strict integer check that follows."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integral = BeforeValidator(_integral)
+
+
 def strict_int(ge: int, le: int, **kwargs: Any) -> Any:
-    """A JSON integer in [ge, le]: no strings, booleans or floats (pydantic would coerce them)."""
+    """A JSON integer in [ge, le]: no strings, booleans or fractions (pydantic would coerce
+    them); use with an `Integral` annotation."""
     return Field(ge=ge, le=le, strict=True, **kwargs)
 
 
@@ -158,10 +171,10 @@ class EnqueueRequest(StrictBody):
     available_at: InputTimestamp | None = Field(
         default=None, description="Run no earlier than this time (AvailableAt)."
     )
-    available_in_ms: int | None = strict_int(
+    available_in_ms: Annotated[int | None, Integral] = strict_int(
         0, 31_536_000_000, default=None, description="Run after this many ms (AvailableIn)."
     )
-    max_retries: int = strict_int(
+    max_retries: Annotated[int, Integral] = strict_int(
         0, 100, default=3, description="Retries after the first run: at most 1 + max_retries runs."
     )
 
@@ -196,11 +209,13 @@ class LeaseRequest(StrictBody):
     names: list[JobName] = Field(
         min_length=1, max_length=100, strict=True, description="The job names this worker handles."
     )
-    max_jobs: int = strict_int(1, 100, default=1, description="Reserve up to this many jobs.")
-    wait_ms: int = strict_int(
+    max_jobs: Annotated[int, Integral] = strict_int(
+        1, 100, default=1, description="Reserve up to this many jobs."
+    )
+    wait_ms: Annotated[int, Integral] = strict_int(
         0, 60_000, default=0, description="Long poll: wait up to this long for a job."
     )
-    lease_ms: int = strict_int(
+    lease_ms: Annotated[int, Integral] = strict_int(
         1000,
         86_400_000,
         default=30_000,
@@ -216,7 +231,7 @@ class FailRequest(StrictBody):
     exception: Annotated[str, NoNul, AfterValidator(_exception_size)] = Field(
         max_length=65536, strict=True, description="What went wrong (up to 64 KiB of UTF-8)."
     )
-    retry_in_ms: int | None = strict_int(
+    retry_in_ms: Annotated[int | None, Integral] = strict_int(
         0,
         2_592_000_000,
         default=None,
@@ -227,7 +242,7 @@ class FailRequest(StrictBody):
 class ExtendRequest(StrictBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"lease_ms": 60000}]})
 
-    lease_ms: int = strict_int(
+    lease_ms: Annotated[int, Integral] = strict_int(
         1000, 86_400_000, description="The lease now ends this long from now."
     )
 

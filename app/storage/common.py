@@ -104,7 +104,7 @@ def per_name(names: Sequence[str], build: Callable[[str], Select[Any]]) -> Any:
     A single `name IN (...) ORDER BY available_at` would have to sort every ready job of
     those names; one bounded range scan per name keeps the cost independent of the backlog.
     """
-    parts = [select(build(name).subquery()) for name in names]
+    parts = [select(build(name).subquery()) for name in dict.fromkeys(names)]  # each name once
     return (parts[0] if len(parts) == 1 else union_all(*parts)).subquery()
 
 

@@ -1,0 +1,992 @@
+"""The storage contract: every Storage operation, called directly, behaves alike on every backend.
+
+Each test runs once per backend (`db_url` is parametrized over SQLite and PostgreSQL) on a
+fresh, migrated database. Time is never read from a clock: every call gets an explicit,
+timezone-aware `now` built from the fixed instant T0, often with odd microseconds so that a
+backend rounding or dropping them would show.
+"""
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from app.queue.models import (
+    Buried,
+    FailedJob,
+    Job,
+    Lease,
+    NewJob,
+    PendingState,
+    RetryDecision,
+    Retrying,
+    SucceededJob,
+)
+from app.storage import open_storage
+from app.storage.base import HistoryQuery, LeasePosition, PendingQuery, Storage
+from app.storage.migrate import head_revision
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+LEASE = timedelta(seconds=30)
+
+_serial = itertools.count(1)
+
+
+def at(seconds: float = 0, micros: int = 0) -> datetime:
+    """T0 plus an offset: `at(5, 123)` is five seconds and 123 microseconds after T0."""
+    return T0 + timedelta(seconds=seconds, microseconds=micros)
+
+
+def new_job(
+    name: str = "email",
+    *,
+    job_id: str | None = None,
+    payload: str = '{"to": "a@example.com"}',
+    max_retries: int = 3,
+    created_at: datetime = T0,
+    available_at: datetime = T0,
+) -> NewJob:
+    job_id = job_id or f"job-{next(_serial):06d}"
+    return NewJob(job_id, name, payload, max_retries, created_at, available_at)
+
+
+def assert_utc(*moments: datetime | None) -> None:
+    for moment in moments:
+        assert moment is not None
+        assert moment.tzinfo is not None and moment.utcoffset() == timedelta(0), moment
+
+
+def retry_at(when: datetime, calls: list[tuple[int, int]] | None = None) -> RetryDecision:
+    """A retry decision that always retries at `when`, recording what it was asked."""
+
+    def decide(attempts: int, max_retries: int) -> datetime | None:
+        if calls is not None:
+            calls.append((attempts, max_retries))
+        return when
+
+    return decide
+
+
+def give_up(calls: list[tuple[int, int]] | None = None) -> RetryDecision:
+    """A retry decision that never retries, recording what it was asked."""
+
+    def decide(attempts: int, max_retries: int) -> datetime | None:
+        if calls is not None:
+            calls.append((attempts, max_retries))
+        return None
+
+    return decide
+
+
+def pending(
+    *, state: PendingState | None = None, name: str | None = None, limit: int = 100
+) -> PendingQuery:
+    return PendingQuery(state, name, limit, None)
+
+
+def history(name: str | None = None, limit: int = 100) -> HistoryQuery:
+    return HistoryQuery(name, limit, None)
+
+
+@pytest.fixture
+async def storage(db_url: str) -> AsyncIterator[Storage]:
+    store = open_storage(db_url)
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def put(storage: Storage, job: NewJob | None = None, now: datetime = T0) -> Job:
+    return await storage.enqueue(job or new_job(), now)
+
+
+async def reserve(
+    storage: Storage,
+    names: Sequence[str] = ("email",),
+    max_jobs: int = 100,
+    now: datetime = T0,
+    worker: str = "worker-1",
+    lease: timedelta = LEASE,
+) -> list[Lease]:
+    return await storage.reserve(names, worker, max_jobs, now, now + lease)
+
+
+async def lease_of(storage: Storage, job_id: str, now: datetime = T0) -> Lease:
+    """Reserve the one available job `job_id` (the only one of its name that is available)."""
+    job = await storage.get(job_id, now)
+    assert isinstance(job, Job)
+    leases = await reserve(storage, [job.name], max_jobs=1, now=now)
+    assert [lease.job.id for lease in leases] == [job_id]
+    return leases[0]
+
+
+async def succeed(storage: Storage, name: str, finished_at: datetime, job_id: str = "") -> str:
+    """A job of `name` enqueued, leased and acked at `finished_at`; its id."""
+    job = await put(storage, new_job(name, job_id=job_id or None, available_at=T0))
+    lease = await lease_of(storage, job.id, finished_at)
+    assert await storage.ack(job.id, lease.id, finished_at) is not None
+    return job.id
+
+
+async def bury(storage: Storage, name: str, finished_at: datetime, job_id: str = "") -> str:
+    """A job of `name` enqueued, leased and failed for good at `finished_at`; its id."""
+    job = await put(storage, new_job(name, job_id=job_id or None, available_at=T0))
+    lease = await lease_of(storage, job.id, finished_at)
+    outcome = await storage.fail(job.id, lease.id, finished_at, "boom", give_up())
+    assert isinstance(outcome, Buried)
+    return job.id
+
+
+# -- enqueue and get ----------------------------------------------------------------------
+
+
+async def test_enqueue_returns_the_job_available_now(storage: Storage) -> None:
+    spec = new_job(created_at=at(0, 123_456), available_at=at(0, 123_456))
+    job = await storage.enqueue(spec, at(0, 123_456))
+    assert job == Job(
+        id=spec.id,
+        name="email",
+        payload='{"to": "a@example.com"}',
+        attempts=0,
+        max_retries=3,
+        created_at=at(0, 123_456),
+        available_at=at(0, 123_456),
+        reserved_at=None,
+        reserved_by=None,
+        state="available",
+    )
+    assert await storage.get(spec.id, at(0, 123_456)) == job
+
+
+async def test_enqueue_returns_a_future_job_scheduled_until_it_comes_due(storage: Storage) -> None:
+    spec = new_job(created_at=at(0, 1), available_at=at(10, 999_999))
+    job = await storage.enqueue(spec, at(0, 1))
+    assert job.state == "scheduled"
+    assert await storage.get(spec.id, at(0, 1)) == job
+    assert await storage.get(spec.id, at(10, 999_998)) == job
+    due = await storage.get(spec.id, at(10, 999_999))
+    assert isinstance(due, Job) and due.state == "available"
+    assert due.available_at == at(10, 999_999)
+
+
+async def test_get_returns_none_for_an_unknown_job(storage: Storage) -> None:
+    await put(storage)
+    assert await storage.get("no-such-job", T0) is None
+
+
+async def test_every_timestamp_keeps_microseconds_and_comes_back_in_utc(storage: Storage) -> None:
+    created, available = at(0, 111_111), at(1, 222_222)
+    reserved_at, expires = at(2, 333_333), at(3, 444_444)
+    retry_time, acked = at(4, 555_555), at(5, 666_666)
+    job = await put(storage, new_job(created_at=created, available_at=available), created)
+    assert_utc(job.created_at, job.available_at)
+
+    [lease] = await storage.reserve(["email"], "w", 1, reserved_at, expires)
+    assert (lease.job.reserved_at, lease.expires_at) == (reserved_at, expires)
+    fetched = await storage.get(job.id, reserved_at)
+    assert isinstance(fetched, Job)
+    assert (fetched.created_at, fetched.available_at) == (created, available)
+    assert fetched.reserved_at == reserved_at
+    assert_utc(fetched.created_at, fetched.available_at, fetched.reserved_at, lease.expires_at)
+    [expired] = await storage.expired_leases(expires, 10)
+    assert expired.expires_at == expires
+    assert_utc(expired.expires_at)
+
+    outcome = await storage.fail(job.id, lease.id, expires, "boom", retry_at(retry_time))
+    assert isinstance(outcome, Retrying) and outcome.job.available_at == retry_time
+    fetched = await storage.get(job.id, expires)
+    assert isinstance(fetched, Job) and fetched.available_at == retry_time
+    assert_utc(fetched.available_at)
+    assert await storage.next_due(["email"], expires) == retry_time
+
+    done = await storage.ack(job.id, lease.id, acked)
+    assert done is not None and done.succeeded_at == acked
+    stored = await storage.get(job.id, acked)
+    assert isinstance(stored, SucceededJob)
+    assert (stored.created_at, stored.available_at, stored.succeeded_at) == (
+        created,
+        retry_time,
+        acked,
+    )
+    assert_utc(stored.created_at, stored.available_at, stored.succeeded_at)
+    [listed] = await storage.list_succeeded(history())
+    assert listed == stored
+
+
+async def test_failed_at_keeps_microseconds_and_comes_back_in_utc(storage: Storage) -> None:
+    job_id = await bury(storage, "email", at(7, 777_777))
+    failed = await storage.get(job_id, at(8))
+    assert isinstance(failed, FailedJob)
+    assert failed.failed_at == at(7, 777_777)
+    assert_utc(failed.created_at, failed.available_at, failed.failed_at)
+    assert await storage.list_failed(history()) == [failed]
+
+
+async def test_times_given_in_another_zone_are_stored_as_the_same_instant(
+    storage: Storage,
+) -> None:
+    plus5 = timezone(timedelta(hours=5))
+    local = at(60, 42).astimezone(plus5)
+    spec = new_job(created_at=local, available_at=local)
+    await storage.enqueue(spec, local)
+    fetched = await storage.get(spec.id, at(60, 42))
+    assert isinstance(fetched, Job) and fetched.state == "available"
+    assert fetched.available_at == at(60, 42) and fetched.created_at == at(60, 42)
+    assert_utc(fetched.available_at, fetched.created_at)
+    assert await reserve(storage, now=at(60, 41).astimezone(plus5)) == []
+    [lease] = await reserve(storage, now=local)
+    assert lease.job.id == spec.id
+
+
+# -- reserve ------------------------------------------------------------------------------
+
+
+async def test_reserve_takes_oldest_available_first_and_breaks_ties_by_id(
+    storage: Storage,
+) -> None:
+    await put(storage, new_job(job_id="c", available_at=at(2)))
+    await put(storage, new_job(job_id="b", available_at=at(1)))
+    await put(storage, new_job(job_id="z", available_at=at(0, 1)))
+    await put(storage, new_job(job_id="a", available_at=at(1)))
+    await put(storage, new_job(job_id="y", available_at=at(0)))
+    leases = await reserve(storage, now=at(5))
+    assert [lease.job.id for lease in leases] == ["y", "z", "a", "b", "c"]
+
+
+async def test_reserve_respects_max_jobs(storage: Storage) -> None:
+    ids = [(await put(storage, new_job(available_at=at(i)))).id for i in range(5)]
+    taken = []
+    for expected in (2, 2, 1, 0):
+        batch = await reserve(storage, max_jobs=2, now=at(10))
+        assert len(batch) == expected
+        taken += [lease.job.id for lease in batch]
+    assert taken == ids
+
+
+async def test_reserve_only_takes_the_given_names(storage: Storage) -> None:
+    email = await put(storage, new_job("email"))
+    await put(storage, new_job("sms"))
+    await put(storage, new_job("email-digest"))
+    assert [lease.job.id for lease in await reserve(storage, ["email", "push"])] == [email.id]
+    assert await reserve(storage, ["push"]) == []
+    remaining = await storage.list_pending(pending(state="available"), T0)
+    assert sorted(job.name for job in remaining) == ["email-digest", "sms"]
+
+
+async def test_reserve_never_takes_a_scheduled_job(storage: Storage) -> None:
+    job = await put(storage, new_job(available_at=at(1)))
+    assert await reserve(storage, now=at(0, 999_999)) == []
+    fetched = await storage.get(job.id, at(0, 999_999))
+    assert isinstance(fetched, Job) and fetched.state == "scheduled" and fetched.attempts == 0
+    assert [lease.job.id for lease in await reserve(storage, now=at(1))] == [job.id]
+
+
+async def test_reserve_sets_the_lease_fields(storage: Storage) -> None:
+    job = await put(storage, new_job(max_retries=4))
+    now, expires = at(3, 250_000), at(33, 250_001)
+    [lease] = await storage.reserve(["email"], "worker-7", 1, now, expires)
+    assert lease.id == f"{job.id}.1"
+    assert lease.expires_at == expires
+    assert lease.job == Job(
+        id=job.id,
+        name="email",
+        payload=job.payload,
+        attempts=1,
+        max_retries=4,
+        created_at=job.created_at,
+        available_at=job.available_at,
+        reserved_at=now,
+        reserved_by="worker-7",
+        state="reserved",
+    )
+    assert await storage.get(job.id, now) == lease.job
+    assert await storage.lease_position(job.id) == LeasePosition(
+        "pending", 1, f"{job.id}.1", reserved=True
+    )
+
+
+async def test_lease_ids_count_the_leases_of_each_job(storage: Storage) -> None:
+    job = await put(storage)
+    first = await lease_of(storage, job.id)
+    assert first.id == f"{job.id}.1"
+    assert await storage.release(job.id, first.id, at(1)) is not None
+    second = await lease_of(storage, job.id, at(2))
+    assert second.id == f"{job.id}.2" and second.job.attempts == 1
+    retried = await storage.fail(job.id, second.id, at(3), "boom", retry_at(at(4)))
+    assert isinstance(retried, Retrying)
+    third = await lease_of(storage, job.id, at(4))
+    assert third.id == f"{job.id}.3" and third.job.attempts == 2
+    other = await put(storage, new_job("other"))
+    assert (await lease_of(storage, other.id, at(5))).id == f"{other.id}.1"
+
+
+async def test_a_reserved_job_is_not_reserved_again_even_after_its_lease_expired(
+    storage: Storage,
+) -> None:
+    job = await put(storage)
+    [lease] = await reserve(storage, now=at(0))
+    assert await reserve(storage, now=at(1)) == []
+    assert await reserve(storage, now=lease.expires_at + timedelta(hours=1)) == []
+    fetched = await storage.get(job.id, at(1))
+    assert isinstance(fetched, Job) and fetched.attempts == 1 and fetched.reserved_by == "worker-1"
+
+
+async def test_reserve_merges_several_names_in_available_at_order(storage: Storage) -> None:
+    for seconds, name in ((1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "b"), (6, "a")):
+        await put(storage, new_job(name, job_id=f"{name}{seconds}", available_at=at(seconds)))
+    leases = await reserve(storage, ["b", "a"], max_jobs=4, now=at(10))
+    assert [lease.job.id for lease in leases] == ["a1", "b2", "a3", "b5"]
+    leases = await reserve(storage, ["a", "b", "c"], max_jobs=4, now=at(10))
+    assert [lease.job.id for lease in leases] == ["c4", "a6"]
+
+
+async def test_reserve_merges_names_with_ties_broken_by_id(storage: Storage) -> None:
+    await put(storage, new_job("b", job_id="job-2", available_at=at(1)))
+    await put(storage, new_job("a", job_id="job-3", available_at=at(1)))
+    await put(storage, new_job("a", job_id="job-1", available_at=at(1)))
+    leases = await reserve(storage, ["a", "b"], max_jobs=2, now=at(1))
+    assert [lease.job.id for lease in leases] == ["job-1", "job-2"]
+
+
+async def test_reserve_with_a_name_given_twice_still_fills_max_jobs(storage: Storage) -> None:
+    """`names` is a set of names: repeating one must not make reserve take fewer jobs."""
+    for i in range(3):
+        await put(storage, new_job(job_id=f"job-{i}", available_at=at(i)))
+    leases = await reserve(storage, ["email", "email"], max_jobs=2, now=at(5))
+    assert [lease.job.id for lease in leases] == ["job-0", "job-1"]
+
+
+async def test_concurrent_reserves_never_hand_out_a_job_twice(storage: Storage) -> None:
+    names = ("email", "sms")
+    ids = set()
+    for i in range(100):
+        job = await put(storage, new_job(names[i % 2], available_at=at(0, i)))
+        ids.add(job.id)
+    batches = await asyncio.gather(
+        *(storage.reserve(list(names), f"worker-{w}", 7, at(1), at(31)) for w in range(20))
+    )
+    taken = [lease.job.id for batch in batches for lease in batch]
+    assert len(taken) == len(set(taken)), "a job was reserved twice"
+    assert set(taken) <= ids
+    lease_ids = [lease.id for batch in batches for lease in batch]
+    assert lease_ids == [f"{job_id}.1" for job_id in taken]
+    for batch in batches:  # each batch is in order
+        keys = [(lease.job.available_at, lease.job.id) for lease in batch]
+        assert keys == sorted(keys)
+    rest = await reserve(storage, names, max_jobs=100, now=at(1))
+    assert sorted(taken + [lease.job.id for lease in rest]) == sorted(ids)
+    reserved = await storage.list_pending(pending(state="reserved", limit=200), at(1))
+    assert len(reserved) == 100 and all(job.attempts == 1 for job in reserved)
+
+
+# -- next_due -----------------------------------------------------------------------------
+
+
+async def test_next_due_is_none_without_future_jobs(storage: Storage) -> None:
+    assert await storage.next_due(["email"], T0) is None
+    await put(storage, new_job(available_at=at(-5)))
+    await put(storage, new_job(available_at=at(0)))
+    await put(storage, new_job("sms", available_at=at(5)))
+    assert await storage.next_due(["email"], T0) is None
+
+
+async def test_next_due_is_the_earliest_future_unreserved_job_of_the_names(
+    storage: Storage,
+) -> None:
+    early = await put(storage, new_job(available_at=at(2)))
+    await put(storage, new_job(available_at=at(9, 5)))
+    await put(storage, new_job(available_at=at(7, 5)))
+    await put(storage, new_job("sms", available_at=at(4, 321)))
+    await put(storage, new_job("push", available_at=at(1)))
+    assert await storage.next_due(["email"], T0) == at(2)
+    assert await storage.next_due(["email", "sms"], T0) == at(2)
+    assert await storage.next_due(["sms", "email"], at(2)) == at(4, 321)
+    assert await storage.next_due(["sms"], T0) == at(4, 321)
+    # Once the earliest job is reserved, it no longer counts, even looking back in time.
+    await lease_of(storage, early.id, at(2))
+    assert await storage.next_due(["email"], T0) == at(7, 5)
+    assert await storage.next_due(["email", "sms"], T0) == at(4, 321)
+
+
+# -- ack ----------------------------------------------------------------------------------
+
+
+async def test_ack_moves_the_job_to_succeeded(storage: Storage) -> None:
+    job = await put(storage, new_job(created_at=at(0, 7), available_at=at(0, 8)))
+    lease = await lease_of(storage, job.id, at(1))
+    done = await storage.ack(job.id, lease.id, at(2, 345))
+    expected = SucceededJob(
+        id=job.id,
+        name="email",
+        payload=job.payload,
+        attempts=1,
+        created_at=at(0, 7),
+        available_at=at(0, 8),
+        succeeded_at=at(2, 345),
+    )
+    assert done == expected
+    assert await storage.get(job.id, at(3)) == expected
+    assert await storage.list_pending(pending(), at(3)) == []
+    assert await storage.list_succeeded(history()) == [expected]
+    assert await storage.lease_position(job.id) == LeasePosition("succeeded", 1)
+
+
+async def test_ack_with_a_wrong_or_stale_lease_changes_nothing(storage: Storage) -> None:
+    job = await put(storage)
+    first = await lease_of(storage, job.id)
+    assert await storage.release(job.id, first.id, at(1)) is not None
+    second = await lease_of(storage, job.id, at(2))
+    before = await storage.get(job.id, at(3))
+    for lease_id in (first.id, f"{job.id}.3", "nonsense", f"{job.id}.2x"):
+        assert await storage.ack(job.id, lease_id, at(3)) is None
+    assert await storage.ack("other-job", second.id, at(3)) is None
+    assert await storage.get(job.id, at(3)) == before
+    assert await storage.list_succeeded(history()) == []
+    assert await storage.ack(job.id, second.id, at(4)) is not None
+    assert await storage.ack(job.id, second.id, at(5)) is None  # only once
+    done = await storage.get(job.id, at(5))
+    assert isinstance(done, SucceededJob) and done.succeeded_at == at(4)
+
+
+# -- fail ---------------------------------------------------------------------------------
+
+
+async def test_fail_with_a_retry_time_puts_the_job_back_pending(storage: Storage) -> None:
+    job = await put(storage, new_job(max_retries=5))
+    lease = await lease_of(storage, job.id, at(1))
+    calls: list[tuple[int, int]] = []
+    outcome = await storage.fail(job.id, lease.id, at(2), "boom", retry_at(at(60, 5), calls))
+    assert calls == [(1, 5)]
+    assert isinstance(outcome, Retrying)
+    expected = Job(
+        id=job.id,
+        name="email",
+        payload=job.payload,
+        attempts=1,
+        max_retries=5,
+        created_at=job.created_at,
+        available_at=at(60, 5),
+        reserved_at=None,
+        reserved_by=None,
+        state="scheduled",
+    )
+    assert outcome.job == expected
+    assert await storage.get(job.id, at(2)) == expected
+    assert await storage.lease_position(job.id) == LeasePosition(
+        "pending", 1, lease.id, reserved=False
+    )
+    assert await storage.expired_leases(at(1000), 10) == []
+    assert await reserve(storage, now=at(60, 4)) == []
+    assert await storage.next_due(["email"], at(2)) == at(60, 5)
+
+
+async def test_a_late_ack_with_the_kept_lease_still_succeeds_after_a_retry(
+    storage: Storage,
+) -> None:
+    job = await put(storage)
+    lease = await lease_of(storage, job.id, at(1))
+    assert await storage.fail(job.id, lease.id, at(2), "timeout", retry_at(at(60))) is not None
+    done = await storage.ack(job.id, lease.id, at(3))
+    assert done is not None and done.attempts == 1 and done.succeeded_at == at(3)
+    assert isinstance(await storage.get(job.id, at(3)), SucceededJob)
+
+
+async def test_a_new_lease_fences_off_the_kept_one(storage: Storage) -> None:
+    job = await put(storage)
+    lease = await lease_of(storage, job.id, at(1))
+    assert await storage.fail(job.id, lease.id, at(2), "timeout", retry_at(at(3))) is not None
+    again = await lease_of(storage, job.id, at(3))
+    assert await storage.ack(job.id, lease.id, at(4)) is None
+    assert await storage.fail(job.id, lease.id, at(4), "late", give_up()) is None
+    assert await storage.ack(job.id, again.id, at(5)) is not None
+
+
+async def test_fail_without_a_retry_time_buries_the_job(storage: Storage) -> None:
+    job = await put(storage, new_job(max_retries=0, created_at=at(0, 3), available_at=at(0, 4)))
+    lease = await lease_of(storage, job.id, at(1))
+    calls: list[tuple[int, int]] = []
+    outcome = await storage.fail(job.id, lease.id, at(2, 99), "Traceback: boom", give_up(calls))
+    assert calls == [(1, 0)]
+    expected = FailedJob(
+        id=job.id,
+        name="email",
+        payload=job.payload,
+        attempts=1,
+        exception="Traceback: boom",
+        created_at=at(0, 3),
+        available_at=at(0, 4),
+        failed_at=at(2, 99),
+    )
+    assert outcome == Buried(expected)
+    assert await storage.get(job.id, at(3)) == expected
+    assert await storage.list_pending(pending(), at(3)) == []
+    assert await storage.list_failed(history()) == [expected]
+    assert await storage.lease_position(job.id) == LeasePosition("failed", 1)
+    assert await storage.ack(job.id, lease.id, at(3)) is None
+
+
+async def test_decide_sees_attempts_counted_across_leases(storage: Storage) -> None:
+    job = await put(storage, new_job(max_retries=2))
+    calls: list[tuple[int, int]] = []
+    for attempt in range(3):
+        lease = await lease_of(storage, job.id, at(attempt))
+        decide = retry_at(at(attempt + 1), calls)
+        outcome = await storage.fail(job.id, lease.id, at(attempt), "x", decide)
+        assert isinstance(outcome, Retrying) and outcome.job.attempts == attempt + 1
+    lease = await lease_of(storage, job.id, at(3))
+    assert isinstance(await storage.fail(job.id, lease.id, at(3), "x", give_up(calls)), Buried)
+    assert calls == [(1, 2), (2, 2), (3, 2), (4, 2)]
+
+
+async def test_fail_with_a_wrong_or_stale_lease_changes_nothing(storage: Storage) -> None:
+    job = await put(storage)
+    first = await lease_of(storage, job.id)
+    assert await storage.release(job.id, first.id, at(1)) is not None
+    await lease_of(storage, job.id, at(2))
+    before = await storage.get(job.id, at(3))
+    calls: list[tuple[int, int]] = []
+    for lease_id in (first.id, f"{job.id}.3", "nonsense"):
+        assert await storage.fail(job.id, lease_id, at(3), "x", give_up(calls)) is None
+    assert await storage.fail("unknown", first.id, at(3), "x", give_up(calls)) is None
+    assert calls == []
+    assert await storage.get(job.id, at(3)) == before
+    assert await storage.list_failed(history()) == []
+
+
+async def test_fail_expired_before_applies_only_once_the_lease_has_expired(
+    storage: Storage,
+) -> None:
+    job = await put(storage)
+    [lease] = await storage.reserve(["email"], "w", 1, at(0), at(30, 500))
+    assert await storage.fail(job.id, lease.id, at(30, 499), "x", give_up(), at(30, 499)) is None
+    still = await storage.get(job.id, at(30, 499))
+    assert isinstance(still, Job) and still.state == "reserved"
+    outcome = await storage.fail(job.id, lease.id, at(30, 500), "expired", give_up(), at(30, 500))
+    assert isinstance(outcome, Buried) and outcome.job.exception == "expired"
+
+
+async def test_fail_expired_before_loses_to_an_extend(storage: Storage) -> None:
+    job = await put(storage)
+    [lease] = await storage.reserve(["email"], "w", 1, at(0), at(30))
+    [expired] = await storage.expired_leases(at(40), 10)
+    assert expired.lease_id == lease.id
+    assert await storage.extend(job.id, lease.id, at(90))
+    assert (
+        await storage.fail(job.id, lease.id, at(40), "x", give_up(), expired_before=at(40)) is None
+    )
+    still = await storage.get(job.id, at(40))
+    assert isinstance(still, Job) and still.state == "reserved"
+    outcome = await storage.fail(job.id, lease.id, at(90), "x", retry_at(at(95)), at(90))
+    assert isinstance(outcome, Retrying)
+
+
+async def test_fail_expired_before_ignores_a_job_that_is_not_reserved(storage: Storage) -> None:
+    job = await put(storage)
+    [lease] = await storage.reserve(["email"], "w", 1, at(0), at(30))
+    assert await storage.fail(job.id, lease.id, at(40), "x", retry_at(at(50)), at(40)) is not None
+    # Pending again, still holding the lease id, but no longer reserved: the reaper leaves it.
+    assert await storage.fail(job.id, lease.id, at(60), "x", give_up(), at(60)) is None
+    fetched = await storage.get(job.id, at(60))
+    assert isinstance(fetched, Job) and fetched.state == "available"
+
+
+# -- extend -------------------------------------------------------------------------------
+
+
+async def test_extend_pushes_back_a_live_lease_only(storage: Storage) -> None:
+    job = await put(storage)
+    first = await lease_of(storage, job.id)
+    assert await storage.extend(job.id, first.id, at(100, 1))
+    assert await storage.extend(job.id, first.id, at(100, 1))  # the same expiry again
+    assert [e.expires_at for e in await storage.expired_leases(at(1000), 10)] == [at(100, 1)]
+    assert await storage.expired_leases(at(100), 10) == []
+    assert not await storage.extend(job.id, f"{job.id}.2", at(200))
+    assert not await storage.extend("unknown", first.id, at(200))
+    assert await storage.release(job.id, first.id, at(1)) is not None
+    assert not await storage.extend(job.id, first.id, at(200))  # released: not reserved
+    second = await lease_of(storage, job.id, at(2))
+    assert not await storage.extend(job.id, first.id, at(200))  # stale
+    assert await storage.fail(job.id, second.id, at(3), "x", retry_at(at(4))) is not None
+    assert not await storage.extend(job.id, second.id, at(200))  # kept, but not reserved
+    assert await storage.expired_leases(at(1000), 10) == []
+
+
+# -- release ------------------------------------------------------------------------------
+
+
+async def test_release_gives_the_job_back_untouched(storage: Storage) -> None:
+    job = await put(storage, new_job(available_at=at(0, 5)))
+    lease = await lease_of(storage, job.id, at(1))
+    released = await storage.release(job.id, lease.id, at(2))
+    assert released == Job(
+        id=job.id,
+        name="email",
+        payload=job.payload,
+        attempts=0,
+        max_retries=3,
+        created_at=job.created_at,
+        available_at=at(0, 5),
+        reserved_at=None,
+        reserved_by=None,
+        state="available",
+    )
+    assert await storage.get(job.id, at(2)) == released
+    assert await storage.lease_position(job.id) == LeasePosition("pending", 1, None, False)
+    assert await storage.ack(job.id, lease.id, at(3)) is None
+    assert await storage.fail(job.id, lease.id, at(3), "x", give_up()) is None
+    assert await storage.release(job.id, lease.id, at(3)) is None
+    again = await lease_of(storage, job.id, at(4))
+    assert again.id == f"{job.id}.2" and again.job.attempts == 1
+
+
+async def test_release_with_a_stale_lease_changes_nothing(storage: Storage) -> None:
+    job = await put(storage)
+    first = await lease_of(storage, job.id)
+    assert await storage.release(job.id, first.id, at(1)) is not None
+    second = await lease_of(storage, job.id, at(2))
+    before = await storage.get(job.id, at(3))
+    assert await storage.release(job.id, first.id, at(3)) is None
+    assert await storage.release(job.id, "nonsense", at(3)) is None
+    assert await storage.release("unknown", second.id, at(3)) is None
+    assert await storage.get(job.id, at(3)) == before
+    assert await storage.fail(job.id, second.id, at(4), "x", retry_at(at(5))) is not None
+    assert await storage.release(job.id, second.id, at(5)) is None  # kept, but not reserved
+
+
+# -- expired_leases -----------------------------------------------------------------------
+
+
+async def test_expired_leases_lists_reserved_jobs_past_expiry_by_expiry(storage: Storage) -> None:
+    expiries = {"j3": at(30), "j1": at(10), "j4": at(40, 1), "j2": at(20)}
+    for job_id, expires in expiries.items():
+        await put(storage, new_job(job_id=job_id))
+        [lease] = await storage.reserve(["email"], f"w-{job_id}", 1, T0, expires)
+        assert lease.job.id == job_id
+    await put(storage, new_job(job_id="free"))  # not reserved
+    expired = await storage.expired_leases(at(40), 10)
+    assert [(e.job_id, e.lease_id, e.name, e.reserved_by, e.expires_at) for e in expired] == [
+        ("j1", "j1.1", "email", "w-j1", at(10)),
+        ("j2", "j2.1", "email", "w-j2", at(20)),
+        ("j3", "j3.1", "email", "w-j3", at(30)),
+    ]
+    assert [e.job_id for e in await storage.expired_leases(at(40), 2)] == ["j1", "j2"]
+    assert [e.job_id for e in await storage.expired_leases(at(20), 10)] == ["j1", "j2"]
+    assert await storage.expired_leases(at(9, 999_999), 10) == []
+    assert [e.job_id for e in await storage.expired_leases(at(40, 1), 10)] == [
+        "j1",
+        "j2",
+        "j3",
+        "j4",
+    ]
+
+
+# -- lease_position -----------------------------------------------------------------------
+
+
+async def test_lease_position_tells_where_the_job_is(storage: Storage) -> None:
+    assert await storage.lease_position("unknown") is None
+    job = await put(storage)
+    assert await storage.lease_position(job.id) == LeasePosition("pending", 0, None, False)
+    first = await lease_of(storage, job.id)
+    assert await storage.lease_position(job.id) == LeasePosition(
+        "pending", 1, first.id, reserved=True
+    )
+    assert await storage.release(job.id, first.id, at(1)) is not None
+    second = await lease_of(storage, job.id, at(2))
+    assert await storage.lease_position(job.id) == LeasePosition("pending", 2, second.id, True)
+    assert await storage.ack(job.id, second.id, at(3)) is not None
+    assert await storage.lease_position(job.id) == LeasePosition("succeeded", 2)
+
+    buried = await bury(storage, "sms", at(4))
+    assert await storage.lease_position(buried) == LeasePosition("failed", 1)
+
+
+# -- cancel -------------------------------------------------------------------------------
+
+
+async def test_cancel_deletes_unreserved_pending_jobs(storage: Storage) -> None:
+    available = await put(storage)
+    scheduled = await put(storage, new_job(available_at=at(100)))
+    assert await storage.cancel(available.id) == "deleted"
+    assert await storage.cancel(scheduled.id) == "deleted"
+    assert await storage.get(available.id, T0) is None
+    assert await storage.get(scheduled.id, T0) is None
+    assert await storage.cancel(available.id) == "missing"
+    assert await storage.list_pending(pending(), T0) == []
+
+
+async def test_cancel_refuses_a_reserved_job(storage: Storage) -> None:
+    job = await put(storage)
+    lease = await lease_of(storage, job.id)
+    assert await storage.cancel(job.id) == "reserved"
+    assert await storage.get(job.id, T0) == lease.job
+    assert await storage.ack(job.id, lease.id, at(1)) is not None
+
+
+async def test_cancel_deletes_a_job_pending_again_with_a_kept_lease(storage: Storage) -> None:
+    job = await put(storage)
+    lease = await lease_of(storage, job.id)
+    assert await storage.fail(job.id, lease.id, at(1), "x", retry_at(at(2))) is not None
+    assert await storage.cancel(job.id) == "deleted"
+    assert await storage.get(job.id, at(2)) is None
+    assert await storage.ack(job.id, lease.id, at(3)) is None
+    assert await storage.lease_position(job.id) is None
+
+
+async def test_cancel_deletes_finished_records(storage: Storage) -> None:
+    done = await succeed(storage, "email", at(1))
+    failed = await bury(storage, "email", at(2))
+    assert await storage.cancel(done) == "deleted"
+    assert await storage.cancel(failed) == "deleted"
+    assert await storage.get(done, at(3)) is None
+    assert await storage.get(failed, at(3)) is None
+    assert await storage.list_succeeded(history()) == []
+    assert await storage.list_failed(history()) == []
+    assert await storage.cancel(done) == "missing"
+    assert await storage.cancel("never-existed") == "missing"
+
+
+# -- retry_failed -------------------------------------------------------------------------
+
+
+async def test_retry_failed_puts_a_failed_job_back_available_now(storage: Storage) -> None:
+    spec = new_job(payload="the payload", max_retries=1, created_at=at(0, 1), available_at=at(0, 1))
+    await put(storage, spec)
+    first = await lease_of(storage, spec.id, at(1))
+    assert await storage.fail(spec.id, first.id, at(2), "x", retry_at(at(3))) is not None
+    second = await lease_of(storage, spec.id, at(3))
+    assert isinstance(await storage.fail(spec.id, second.id, at(4), "x", give_up()), Buried)
+
+    job = await storage.retry_failed(spec.id, at(5, 55))
+    expected = Job(
+        id=spec.id,
+        name="email",
+        payload="the payload",
+        attempts=0,
+        max_retries=1,
+        created_at=at(0, 1),
+        available_at=at(5, 55),
+        reserved_at=None,
+        reserved_by=None,
+        state="available",
+    )
+    assert job == expected
+    assert await storage.get(spec.id, at(5, 55)) == expected
+    assert await storage.list_failed(history()) == []
+    assert await storage.lease_position(spec.id) == LeasePosition("pending", 2, None, False)
+    assert await storage.ack(spec.id, second.id, at(6)) is None
+    third = await lease_of(storage, spec.id, at(6))
+    assert third.id == f"{spec.id}.3" and third.job.attempts == 1
+
+
+async def test_retry_failed_refuses_jobs_that_are_not_failed(storage: Storage) -> None:
+    available = await put(storage)
+    reserved = await put(storage, new_job("sms"))
+    await lease_of(storage, reserved.id)
+    done = await succeed(storage, "push", at(1))
+    for job_id in (available.id, reserved.id, done, "unknown"):
+        assert await storage.retry_failed(job_id, at(2)) is None
+    assert isinstance(await storage.get(done, at(2)), SucceededJob)
+    failed = await bury(storage, "cron", at(3))
+    assert await storage.retry_failed(failed, at(4)) is not None
+    assert await storage.retry_failed(failed, at(5)) is None  # already back
+
+
+# -- list_pending -------------------------------------------------------------------------
+
+
+MIX_NOW = at(6)  # the time the pending-list tests look at their mix of jobs
+
+
+async def _pending_mix(storage: Storage) -> None:
+    """Available, scheduled and reserved jobs of two names, some sharing an available_at."""
+    for job_id, name, seconds in (
+        ("p5", "email", 5),
+        ("p1", "email", 1),
+        ("p3b", "sms", 3),
+        ("p3a", "email", 3),
+        ("p2", "sms", 2),
+        ("p8", "email", 8),  # scheduled at MIX_NOW
+        ("p7", "sms", 7),  # scheduled
+        ("p0", "sms", 0),
+    ):
+        await put(storage, new_job(name, job_id=job_id, available_at=at(seconds)))
+    [lease] = await reserve(storage, ["sms"], max_jobs=1, now=MIX_NOW)
+    assert lease.job.id == "p0"
+    [lease] = await reserve(storage, ["email"], max_jobs=1, now=MIX_NOW)
+    assert lease.job.id == "p1"
+
+
+async def _ids(storage: Storage, query: PendingQuery, now: datetime = MIX_NOW) -> list[str]:
+    return [job.id for job in await storage.list_pending(query, now)]
+
+
+async def test_list_pending_orders_by_available_at_then_id(storage: Storage) -> None:
+    await _pending_mix(storage)
+    jobs = await storage.list_pending(pending(), MIX_NOW)
+    assert [job.id for job in jobs] == ["p0", "p1", "p2", "p3a", "p3b", "p5", "p7", "p8"]
+    states = {job.id: job.state for job in jobs}
+    assert states == {
+        "p0": "reserved",
+        "p1": "reserved",
+        "p2": "available",
+        "p3a": "available",
+        "p3b": "available",
+        "p5": "available",
+        "p7": "scheduled",
+        "p8": "scheduled",
+    }
+    assert [job for job in jobs if job.id == "p1"] == [await storage.get("p1", MIX_NOW)]
+
+
+async def test_list_pending_filters_by_state_and_name(storage: Storage) -> None:
+    await _pending_mix(storage)
+    assert await _ids(storage, pending(state="reserved")) == ["p0", "p1"]
+    assert await _ids(storage, pending(state="available")) == ["p2", "p3a", "p3b", "p5"]
+    assert await _ids(storage, pending(state="scheduled")) == ["p7", "p8"]
+    assert await _ids(storage, pending(name="email")) == ["p1", "p3a", "p5", "p8"]
+    assert await _ids(storage, pending(name="sms", state="available")) == ["p2", "p3b"]
+    assert await _ids(storage, pending(name="sms", state="scheduled")) == ["p7"]
+    assert await _ids(storage, pending(name="push")) == []
+    assert await _ids(storage, pending(state="scheduled"), now=at(7)) == ["p8"]
+    assert await _ids(storage, pending(state="available", limit=2)) == ["p2", "p3a"]
+
+
+async def walk_pending(storage: Storage, state: PendingState | None) -> list[str]:
+    """Every pending job's id, two per page, following the keyset cursor."""
+    seen: list[str] = []
+    after: tuple[datetime, str] | None = None
+    while page := await storage.list_pending(PendingQuery(state, None, 2, after), MIX_NOW):
+        assert len(page) <= 2
+        seen += [job.id for job in page]
+        after = (page[-1].available_at, page[-1].id)
+    return seen
+
+
+async def test_list_pending_pages_with_a_keyset_cursor(storage: Storage) -> None:
+    await _pending_mix(storage)
+    assert await walk_pending(storage, None) == ["p0", "p1", "p2", "p3a", "p3b", "p5", "p7", "p8"]
+    assert await walk_pending(storage, "available") == ["p2", "p3a", "p3b", "p5"]
+    assert await walk_pending(storage, "reserved") == ["p0", "p1"]
+    # A cursor between two jobs with the same available_at resumes at the second.
+    resumed = PendingQuery(None, None, 3, (at(3), "p3a"))
+    assert await _ids(storage, resumed) == ["p3b", "p5", "p7"]
+    by_name = PendingQuery(None, "email", 10, (at(1), "p1"))
+    assert await _ids(storage, by_name) == ["p3a", "p5", "p8"]
+
+
+async def test_list_pending_cursor_with_microseconds(storage: Storage) -> None:
+    for micros, job_id in ((1, "a"), (2, "b"), (2, "c"), (3, "d")):
+        await put(storage, new_job(job_id=job_id, available_at=at(0, micros)))
+    query = PendingQuery(None, None, 10, (at(0, 2), "b"))
+    assert await _ids(storage, query, now=at(1)) == ["c", "d"]
+    query = PendingQuery(None, None, 10, (at(0, 1), "zzz"))
+    assert await _ids(storage, query, now=at(1)) == ["b", "c", "d"]
+
+
+# -- list_succeeded and list_failed -------------------------------------------------------
+
+
+async def test_list_succeeded_is_newest_first_with_filter_and_paging(storage: Storage) -> None:
+    await succeed(storage, "email", at(1), "s1")
+    await succeed(storage, "sms", at(3), "s3")
+    await succeed(storage, "email", at(2, 5), "s2b")
+    await succeed(storage, "email", at(2, 5), "s2a")
+    await succeed(storage, "sms", at(4), "s4")
+    listed = await storage.list_succeeded(history())
+    assert [job.id for job in listed] == ["s4", "s3", "s2b", "s2a", "s1"]
+    assert all(isinstance(job, SucceededJob) for job in listed)
+    assert [job.id for job in await storage.list_succeeded(history("email"))] == [
+        "s2b",
+        "s2a",
+        "s1",
+    ]
+    assert [job.id for job in await storage.list_succeeded(history(limit=2))] == ["s4", "s3"]
+    assert await walk_succeeded(storage, None) == ["s4", "s3", "s2b", "s2a", "s1"]
+    assert await walk_succeeded(storage, "email") == ["s2b", "s2a", "s1"]
+    resumed = HistoryQuery(None, 10, (at(2, 5), "s2b"))
+    assert [job.id for job in await storage.list_succeeded(resumed)] == ["s2a", "s1"]
+
+
+async def walk_succeeded(storage: Storage, name: str | None) -> list[str]:
+    seen: list[str] = []
+    before: tuple[datetime, str] | None = None
+    while page := await storage.list_succeeded(HistoryQuery(name, 2, before)):
+        assert len(page) <= 2
+        seen += [job.id for job in page]
+        before = (page[-1].succeeded_at, page[-1].id)
+    return seen
+
+
+async def test_list_failed_is_newest_first_with_filter_and_paging(storage: Storage) -> None:
+    await bury(storage, "email", at(1), "f1")
+    await bury(storage, "sms", at(3), "f3")
+    await bury(storage, "email", at(2, 5), "f2a")
+    await bury(storage, "email", at(2, 5), "f2b")
+    await bury(storage, "sms", at(4), "f4")
+    await succeed(storage, "email", at(9), "ok")  # not in the failed list
+    listed = await storage.list_failed(history())
+    assert [job.id for job in listed] == ["f4", "f3", "f2b", "f2a", "f1"]
+    assert all(isinstance(job, FailedJob) and job.exception == "boom" for job in listed)
+    assert [job.id for job in await storage.list_failed(history("sms"))] == ["f4", "f3"]
+    seen: list[str] = []
+    before: tuple[datetime, str] | None = None
+    while page := await storage.list_failed(HistoryQuery("email", 2, before)):
+        seen += [job.id for job in page]
+        before = (page[-1].failed_at, page[-1].id)
+    assert seen == ["f2b", "f2a", "f1"]
+    resumed = HistoryQuery(None, 2, (at(3), "f3"))
+    assert [job.id for job in await storage.list_failed(resumed)] == ["f2b", "f2a"]
+
+
+# -- prune --------------------------------------------------------------------------------
+
+
+async def test_prune_deletes_the_oldest_succeeded_jobs_in_batches(storage: Storage) -> None:
+    for i in (3, 1, 5, 2, 4):
+        await succeed(storage, "email", at(i), f"s{i}")
+    failed = await bury(storage, "email", at(0))
+    assert await storage.prune("succeeded", at(4), 2) == 2
+    assert [job.id for job in await storage.list_succeeded(history())] == ["s5", "s4", "s3"]
+    assert await storage.prune("succeeded", at(4), 2) == 1
+    assert await storage.prune("succeeded", at(4), 2) == 0  # s4 finished at, not before
+    assert [job.id for job in await storage.list_succeeded(history())] == ["s5", "s4"]
+    assert isinstance(await storage.get(failed, at(9)), FailedJob)
+
+
+async def test_prune_deletes_the_oldest_failed_jobs_in_batches(storage: Storage) -> None:
+    for i in (2, 4, 1, 3):
+        await bury(storage, "email", at(i, 1), f"f{i}")
+    done = await succeed(storage, "email", at(0))
+    assert await storage.prune("failed", at(3, 2), 2) == 2
+    assert [job.id for job in await storage.list_failed(history())] == ["f4", "f3"]
+    assert await storage.prune("failed", at(3, 2), 2) == 1
+    assert await storage.prune("failed", at(3, 2), 2) == 0
+    assert await storage.prune("failed", at(100), 10) == 1
+    assert await storage.list_failed(history()) == []
+    assert isinstance(await storage.get(done, at(9)), SucceededJob)
+
+
+# -- schema and health --------------------------------------------------------------------
+
+
+async def test_migrate_is_idempotent_and_reports_the_head_revision(storage: Storage) -> None:
+    head = head_revision()
+    assert head is not None
+    assert await storage.schema_revision() == head
+    await storage.migrate()
+    await storage.migrate()
+    assert await storage.schema_revision() == head
+    job = await put(storage)
+    assert await storage.get(job.id, T0) == job
+
+
+async def test_ping_succeeds(storage: Storage) -> None:
+    await storage.ping()
+    job = await put(storage)
+    await storage.ping()
+    assert await storage.get(job.id, T0) == job
