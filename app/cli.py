@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import ipaddress
 import socket
+import sys
 from collections.abc import Sequence
 from types import FrameType
 
@@ -45,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         refusal = exposure_refusal(settings, args.insecure)
         if refusal:
             parser.exit(2, f"bgjobs: {refusal}\n")
+        if args.insecure and exposure_refusal(settings, insecure=False):
+            print(
+                f"bgjobs: WARNING: open server on {settings.host} (--insecure): anyone who "
+                "can reach it can enqueue, lease and delete jobs",
+                file=sys.stderr,
+            )
         serve_command(settings)
     else:
         asyncio.run(migrate_command(settings))

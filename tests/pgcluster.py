@@ -79,25 +79,23 @@ class PgCluster:
                 "--no-sync",
             ]
         )
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on the existing data folder."""
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=400"
         )
+        data, log = str(self.root / "data"), str(self.root / "server.log")
+        pg_ctl = str(self.bin / "pg_ctl")
+        self._run([pg_ctl, "-D", data, "-l", log, "-w", "-t", "30", "start", "-o", options])
+
+    def pause(self) -> None:
+        """Stop the server (an outage), keeping its data for `resume`."""
         self._run(
-            [
-                str(self.bin / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(self.root / "server.log"),
-                "-w",
-                "-t",
-                "30",
-                "start",
-                "-o",
-                options,
-            ]
+            [str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast", "-w", "stop"]
         )
 
     def stop(self) -> None:

@@ -12,7 +12,7 @@ from app.api.auth import parse_tokens
 from app.cli import exposure_refusal
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import enqueue
+from tests.conftest import enqueue, free_port
 
 TOKENS = "p1=enqueue,w1=work,r1=read,a1=read+admin"
 
@@ -113,6 +113,35 @@ def test_an_open_server_stays_on_loopback() -> None:
         check=False,
     )
     assert result.returncode == 2 and "refusing to listen on 0.0.0.0" in result.stderr
+
+
+def test_insecure_exposure_says_so(tmp_path: Path) -> None:
+    port = str(free_port())
+    db = f"sqlite:///{tmp_path / 'open.db'}"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            port,
+            "--database-url",
+            db,
+            "--insecure",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline()
+        assert "WARNING: open server on 0.0.0.0 (--insecure)" in first
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_tokens_never_reach_the_logs(server_process: Any) -> None:

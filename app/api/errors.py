@@ -1,5 +1,6 @@
 """The one place where domain errors and bad input become HTTP statuses."""
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -96,7 +97,24 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         detail = f"malformed JSON: {reason}"
         errors = [{"loc": ["body"], "msg": detail, "type": "json_invalid"}]
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:  # Starlette names only the first matching route's methods
+        headers = {"Allow": ", ".join(allowed_methods(request))}
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (the spec's paths are the routes)."""
+    path = request.scope.get("path", "")
+    paths: dict[str, dict[str, Any]] = request.app.openapi()["paths"]
+    if path in paths:  # a literal path wins over templates, as in routing: /jobs/failed
+        return sorted(method.upper() for method in paths[path])
+    methods: set[str] = set()
+    for template, operations in paths.items():
+        pattern = re.sub(r"\\{[^/]+\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -37,7 +37,6 @@ IdempotencyKeyHeader = Annotated[
         pattern=r"^[\x21-\x7e]+$",
         description="Makes retries safe: the same key and body within the window return the "
         "original job (200) instead of enqueuing another.",
-        examples=["order-1234-confirmation"],
     ),
 ]
 JobId = Annotated[str, Path(description="The job id.")]

@@ -72,6 +72,7 @@ def no_nul(value: str) -> str:
 
 
 NoNul = AfterValidator(no_nul)
+NO_NUL_PATTERN = "^[^\\u0000]*$"  # the same rule, for the spec
 
 
 def _exception_size(value: str) -> str:
@@ -119,6 +120,7 @@ Payload = Annotated[
             "type": "string",
             "description": "Opaque to the server; encode structured data as a string. "
             "Any Unicode text but NUL (\\u0000).",
+            "pattern": NO_NUL_PATTERN,
             "example": '{"to": "ada@example.com"}',
         }
     ),
@@ -153,6 +155,14 @@ class EnqueueRequest(StrictBody):
 
     model_config = ConfigDict(
         json_schema_extra={
+            # Not both availabilities at once (null counts as absent).
+            "not": {
+                "required": ["available_at", "available_in_ms"],
+                "properties": {
+                    "available_at": {"type": "string"},
+                    "available_in_ms": {"type": "integer"},
+                },
+            },
             "examples": [
                 {"name": "send_email", "payload": '{"to": "ada@example.com"}'},
                 {"name": "report.daily", "payload": "2026-11-28", "available_in_ms": 60000},
@@ -162,7 +172,7 @@ class EnqueueRequest(StrictBody):
                     "available_at": "2026-12-01T09:00:00Z",
                     "max_retries": 5,
                 },
-            ]
+            ],
         }
     )
 
@@ -193,7 +203,7 @@ class LeaseRequest(StrictBody):
                     "worker_id": "worker-1",
                     "names": ["send_email"],
                     "max_jobs": 10,
-                    "wait_ms": 30000,
+                    "wait_ms": 5000,
                     "lease_ms": 60000,
                 }
             ]
@@ -205,6 +215,7 @@ class LeaseRequest(StrictBody):
         max_length=255,
         strict=True,
         description="Who holds the lease; stored as the job's reserved_by.",
+        json_schema_extra={"pattern": NO_NUL_PATTERN},
     )
     names: list[JobName] = Field(
         min_length=1, max_length=100, strict=True, description="The job names this worker handles."
@@ -229,7 +240,10 @@ class FailRequest(StrictBody):
     )
 
     exception: Annotated[str, NoNul, AfterValidator(_exception_size)] = Field(
-        max_length=65536, strict=True, description="What went wrong (up to 64 KiB of UTF-8)."
+        max_length=65536,
+        strict=True,
+        description="What went wrong (up to 64 KiB of UTF-8).",
+        json_schema_extra={"pattern": NO_NUL_PATTERN},
     )
     retry_in_ms: Annotated[int | None, Integral] = strict_int(
         0,

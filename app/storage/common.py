@@ -112,6 +112,7 @@ class SqlStorage:
     """The shared SQL implementation of the Storage protocol."""
 
     engine: AsyncEngine
+    _write_failure: str | None = None  # why the last write failed, until one succeeds
 
     async def migrate(self) -> None:
         async with self._write() as conn:
@@ -125,8 +126,16 @@ class SqlStorage:
         await self.engine.dispose()
 
     async def ping(self) -> None:
+        """Ready means readable and, if the last write failed, writable again."""
         async with self._read() as conn:
             await conn.execute(select(1))
+        if self._write_failure is not None:
+            async with self._write() as conn:
+                await self._probe_write(conn)
+
+    async def _probe_write(self, conn: AsyncConnection) -> None:
+        """A write that really reaches the database, for readiness after a failed write."""
+        raise NotImplementedError
 
     async def listen(
         self, on_ready: Callable[[str, datetime], None], on_gap: Callable[[], None]
@@ -139,16 +148,20 @@ class SqlStorage:
     # -- transactions -------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _guard(self) -> AsyncIterator[None]:
-        """Turn driver errors into the one domain error callers can act on."""
+    async def _guard(self, writing: bool = False) -> AsyncIterator[None]:
+        """Turn driver errors into the one domain error callers can act on, and remember
+        whether the last write failed (readiness then needs a successful write)."""
         try:
             yield
+            if writing:
+                self._write_failure = None
         except IntegrityError:
             raise  # a race on a unique key: the caller decides
-        except DBAPIError as exc:
-            raise StorageUnavailable(f"database unavailable: {exc.orig}") from exc
-        except OSError as exc:
-            raise StorageUnavailable(f"database unavailable: {exc}") from exc
+        except (DBAPIError, OSError) as exc:
+            detail = f"database unavailable: {getattr(exc, 'orig', None) or exc}"
+            if writing:
+                self._write_failure = detail
+            raise StorageUnavailable(detail) from exc
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -158,7 +171,7 @@ class SqlStorage:
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         """One write transaction; backends may serialize writers here."""
-        async with self._guard(), self.engine.begin() as conn:
+        async with self._guard(writing=True), self.engine.begin() as conn:
             yield conn
 
     # -- hot path -----------------------------------------------------------------------

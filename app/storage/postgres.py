@@ -50,6 +50,9 @@ class PostgresStorage(SqlStorage):
                 await self._listener
         await super().close()
 
+    async def _probe_write(self, conn: AsyncConnection) -> None:
+        await conn.execute(text("SET TRANSACTION READ WRITE"))  # fails on a read-only standby
+
     async def reserve(
         self,
         names: Sequence[str],

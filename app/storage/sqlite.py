@@ -46,13 +46,16 @@ class SqliteStorage(SqlStorage):
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._guard(), self._write_lock, self.engine.connect() as conn:
+        async with self._guard(writing=True), self._write_lock, self.engine.connect() as conn:
             conn.sync_connection.info["writer"] = True  # type: ignore[union-attr]
             try:
                 async with conn.begin():
                     yield conn
             finally:
                 conn.sync_connection.info["writer"] = False  # type: ignore[union-attr]
+
+    async def _probe_write(self, conn: AsyncConnection) -> None:
+        await conn.exec_driver_sql("PRAGMA user_version = 0")  # rewrites the header page
 
     async def reserve(
         self,
