@@ -33,6 +33,7 @@ from app.queue.models import (
     FailOutcome,
     IdempotencyKey,
     Job,
+    Lease,
     NewJob,
     RetryDecision,
     Retrying,
@@ -106,6 +107,32 @@ def per_name(names: Sequence[str], build: Callable[[str], Select[Any]]) -> Any:
     """
     parts = [select(build(name).subquery()) for name in dict.fromkeys(names)]  # each name once
     return (parts[0] if len(parts) == 1 else union_all(*parts)).subquery()
+
+
+def lease_update(picked: Any, worker_id: str, now: datetime, expires_at: datetime) -> Any:
+    """The UPDATE that turns the picked rows into leases: one more attempt, the worker, the
+    next lease number and the lease id `{job id}.{n}` built from it, all in one statement.
+    `reserved_at IS NULL` is checked again on every row it changes."""
+    next_seq = jobs.c.lease_seq + 1
+    return (
+        update(jobs)
+        .where(jobs.c.id.in_(picked), jobs.c.reserved_at.is_(None))
+        .values(
+            attempts=jobs.c.attempts + 1,
+            reserved_at=now,
+            reserved_by=worker_id,
+            lease_seq=next_seq,
+            lease_id=jobs.c.id + "." + next_seq.cast(jobs.c.lease_id.type),
+            lease_expires_at=expires_at,
+        )
+        .returning(*jobs.c)
+    )
+
+
+def leases_from(rows: Sequence[RowMapping], expires_at: datetime, now: datetime) -> list[Lease]:
+    """RETURNING order is unspecified: hand leases out oldest first, as they were picked."""
+    ordered = sorted(rows, key=lambda row: (row["available_at"], row["id"]))
+    return [Lease(row["lease_id"], expires_at, job_from(row, now)) for row in ordered]
 
 
 class SqlStorage:

@@ -12,12 +12,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, event, select, update
+from sqlalchemy import Select, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from app.queue.models import Lease
-from app.storage.common import SqlStorage, job_from, jobs, per_name
+from app.storage.common import SqlStorage, jobs, lease_update, leases_from, per_name
 
 
 class SqliteStorage(SqlStorage):
@@ -88,21 +88,7 @@ class SqliteStorage(SqlStorage):
             .order_by(candidates.c.available_at, candidates.c.id)
             .limit(max_jobs)
         )
-        next_seq = jobs.c.lease_seq + 1
-        stmt = (
-            update(jobs)
-            .where(jobs.c.id.in_(oldest), jobs.c.reserved_at.is_(None))
-            .values(
-                attempts=jobs.c.attempts + 1,
-                reserved_at=now,
-                reserved_by=worker_id,
-                lease_seq=next_seq,
-                lease_id=jobs.c.id + "." + next_seq.cast(jobs.c.lease_id.type),
-                lease_expires_at=expires_at,
-            )
-            .returning(*jobs.c)
-        )
+        stmt = lease_update(oldest, worker_id, now, expires_at)
         async with self._write() as conn:
             rows = (await conn.execute(stmt)).mappings().all()
-        rows = sorted(rows, key=lambda r: (r["available_at"], r["id"]))
-        return [Lease(row["lease_id"], expires_at, job_from(row, now)) for row in rows]
+        return leases_from(rows, expires_at, now)
