@@ -2,8 +2,8 @@
 
 Run from the repository root:
 
-    /tmp/venv/bin/python bench/run.py            # default sizes, a few minutes
-    /tmp/venv/bin/python bench/run.py --quick    # small sizes, about half a minute
+    .venv/bin/python bench/run.py            # default sizes, a few minutes
+    .venv/bin/python bench/run.py --quick    # small sizes, about half a minute
 
 Sections 1-3 talk HTTP to a real `python -m app.cli serve` child process on a temporary
 SQLite file and a free port of 127.0.0.1; section 4 calls the storage layer directly, so
