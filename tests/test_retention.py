@@ -1,5 +1,6 @@
 """History is pruned after its retention age, in bounded batches."""
 
+import asyncio
 from datetime import timedelta
 
 import httpx
@@ -43,3 +44,39 @@ async def test_succeeded_after_7_days_failed_after_30_in_batches(
     assert await history(client, "failed") == set()
     assert (await client.get(f"/jobs/{pending['id']}")).json()["state"] == "available"
     assert old_ok.isdisjoint(await history(client, "succeeded"))
+
+
+async def test_leasing_goes_on_while_history_is_pruned(
+    client: httpx.AsyncClient, clock: OffsetClock, service: QueueService
+) -> None:
+    """Pruning 3,000 rows in batches of 200 lets a lease through between batches."""
+    from sqlalchemy import func, insert, select
+
+    from app.storage.common import succeeded
+
+    old = clock.now() - timedelta(days=30)
+    rows = [
+        {
+            "id": f"old-{i}",
+            "name": "n",
+            "payload": "",
+            "attempts": 1,
+            "lease_seq": 1,
+            "created_at": old,
+            "available_at": old,
+            "succeeded_at": old,
+        }
+        for i in range(3000)
+    ]
+    async with service.storage.engine.begin() as conn:  # type: ignore[attr-defined]
+        await conn.execute(insert(succeeded), rows)
+    job = await enqueue(client)
+
+    pruning = asyncio.create_task(service.prune_history(batch=200))
+    await asyncio.sleep(0)  # the first batch is under way
+    leased = await lease(client)
+    assert [entry["job"]["id"] for entry in leased] == [job["id"]]
+    async with service.storage.engine.connect() as conn:  # type: ignore[attr-defined]
+        left = (await conn.execute(select(func.count()).select_from(succeeded))).scalar()
+    assert left is not None and left >= 2000  # the lease came between the first batches
+    assert await pruning == 3000
