@@ -20,6 +20,7 @@ class Waiter:
         self.names = names
         self._event = asyncio.Event()
         self.armed = False
+        self.admitted = False  # counted among the bounded long polls once it first waits
 
     def arm(self) -> None:
         """Listen again; call before checking the database so no wake falls in between."""

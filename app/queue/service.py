@@ -33,6 +33,7 @@ from app.queue.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    StorageUnavailable,
 )
 from app.queue.models import (
     AnyJob,
@@ -96,6 +97,8 @@ async def repeat(interval_s: float, task: Callable[[], Awaitable[object]], what:
         await asyncio.sleep(interval_s)
         try:
             await task()
+        except StorageUnavailable as exc:  # an outage: say so once a tick, no traceback
+            log.warning("%s failed: %s", what, exc.detail)
         except Exception:
             log.exception("%s failed", what)
 
@@ -226,11 +229,13 @@ class QueueService:
                 await self._wait(waiter, await self._nap(names, remaining))
 
     async def _wait(self, waiter: Waiter, seconds: float) -> None:
-        """Sleep in a long poll, if there is room for one more: waiters are bounded."""
-        if self._waiting >= self.limits.max_waiting_polls:
+        """Sleep in a long poll. Waiters are bounded: past the cap a new poll is refused,
+        while one already admitted keeps its place."""
+        if not waiter.admitted and self._waiting >= self.limits.max_waiting_polls:
             raise Overloaded(
                 f"{self._waiting} long polls are already waiting (the limit); retry shortly"
             )
+        waiter.admitted = True
         self._waiting += 1
         try:
             await waiter.wait(seconds)
