@@ -3,13 +3,8 @@
 import argparse
 import asyncio
 import ipaddress
-import socket
 import sys
 from collections.abc import Sequence
-from types import FrameType
-
-import uvicorn
-from fastapi import FastAPI
 
 from app.api.auth import parse_tokens
 from app.settings import Settings
@@ -87,34 +82,13 @@ def serve_command(settings: Settings) -> None:
     from app.main import create_app
 
     app = create_app(settings)
-    config = uvicorn.Config(
+    uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    GracefulServer(config, app).run()
-
-
-class GracefulServer(uvicorn.Server):
-    """On SIGTERM or SIGINT, answer the open long polls at once (with no jobs) so that
-    in-flight requests finish quickly and the process exits within a bounded time."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
-        super().__init__(config)
-        self.bgjobs_app = app
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        service = getattr(self.bgjobs_app.state, "service", None)
-        loop = getattr(self, "_loop", None)
-        if service is not None and loop is not None:
-            loop.call_soon_threadsafe(service.stop_waiting)
-        super().handle_exit(sig, frame)
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
 
 
 async def migrate_command(settings: Settings) -> None:

@@ -14,6 +14,7 @@ from app.queue.clock import Clock, SystemClock
 from app.queue.notifier import Notifier
 from app.queue.service import Limits, QueueService, repeat
 from app.settings import Settings
+from app.shutdown import on_stop_signal
 from app.storage import ensure_schema, open_storage
 
 DESCRIPTION = """\
@@ -67,9 +68,11 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
                 repeat(settings.prune_interval_s, service.prune_history, "pruning history")
             ),
         ]
+        undo_signals = on_stop_signal(service.stop_waiting)
         try:
             yield
         finally:
+            undo_signals()
             for task in maintenance:
                 task.cancel()
             await asyncio.gather(*maintenance, return_exceptions=True)

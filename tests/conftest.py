@@ -140,7 +140,9 @@ class ServerProcess:
         port: int,
         env: dict[str, str] | None = None,
         log: Path | None = None,
+        launcher: str = "bgjobs",
     ) -> None:
+        self.launcher = launcher
         self.database_url = database_url
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -151,16 +153,7 @@ class ServerProcess:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "app.cli",
-                    "serve",
-                    "--port",
-                    str(self.port),
-                    "--database-url",
-                    self.database_url,
-                ],
+                self.command(),
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -175,6 +168,14 @@ class ServerProcess:
             except httpx.HTTPError:
                 time.sleep(0.05)
         raise RuntimeError("server did not become ready in 20 s")
+
+    def command(self) -> list[str]:
+        """`bgjobs serve`, or the bare ASGI app under `uvicorn app.main:app`."""
+        if self.launcher == "uvicorn":
+            self.env["BGJOBS_DATABASE_URL"] = self.database_url
+            return [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(self.port)]
+        port, url = str(self.port), self.database_url
+        return [sys.executable, "-m", "app.cli", "serve", "--port", port, "--database-url", url]
 
     def output(self) -> str:
         """Everything the server printed so far (logs included)."""
@@ -200,7 +201,10 @@ def server_process(
 
     @contextmanager
     def run(
-        database_url: str | None = None, port: int | None = None, env: dict[str, str] | None = None
+        database_url: str | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        launcher: str = "bgjobs",
     ) -> Iterator[ServerProcess]:
         port = port or free_port()
         server = ServerProcess(
@@ -208,6 +212,7 @@ def server_process(
             port,
             env,
             tmp_path / f"server-{port}.log",
+            launcher,
         )
         started.append(server)
         server.start()

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import enqueue
 
@@ -36,10 +37,12 @@ async def test_jobs_reserved_for_a_client_that_left_are_given_back(
             assert [lease["job"]["id"] for lease in taken["leases"]] == [job["id"]]
 
 
+@pytest.mark.parametrize("launcher", ["bgjobs", "uvicorn"])
 async def test_sigterm_answers_100_open_long_polls_and_exits_promptly(
-    server_process: Any, db_url: str
+    server_process: Any, db_url: str, launcher: str
 ) -> None:
-    with server_process(database_url=db_url) as server:
+    """Under `bgjobs serve` and under a bare `uvicorn app.main:app` alike."""
+    with server_process(database_url=db_url, launcher=launcher) as server:
         limits = httpx.Limits(max_connections=200)
         async with httpx.AsyncClient(base_url=server.url, timeout=90, limits=limits) as http:
             body = {"worker_id": "w", "names": ["idle"], "wait_ms": 60_000}
@@ -52,7 +55,9 @@ async def test_sigterm_answers_100_open_long_polls_and_exits_promptly(
             answers = await asyncio.wait_for(asyncio.gather(*polls), 30)
             await asyncio.to_thread(server.process.wait, 30)
             took = time.monotonic() - started
-        print(f"\nSIGTERM with 100 open long polls: all answered and exited in {took:.2f} s")
+        print(
+            f"\nSIGTERM ({launcher}) with 100 open long polls: all answered, exit in {took:.2f} s"
+        )
         assert [a.status_code for a in answers] == [200] * 100
         assert all(a.json() == {"leases": []} for a in answers)
         assert server.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises it
