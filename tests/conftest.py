@@ -66,18 +66,26 @@ def backend(request: pytest.FixtureRequest) -> str:
     return name
 
 
-@pytest.fixture
-def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh, migrated database of the backend under test."""
+def fresh_database(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, *, migrated: bool
+) -> Iterator[str]:
+    """A database for one test: a new SQLite file (the app migrates it), or a new
+    PostgreSQL database, copied from the migrated template or empty; dropped afterwards."""
     if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'bgjobs.db'}"
+        yield f"sqlite+aiosqlite:///{tmp_path / ('bgjobs.db' if migrated else 'empty.db')}"
         return
     cluster: PgCluster = request.getfixturevalue("pg_cluster")
-    name = cluster.create_database(template=cluster.template)
+    name = cluster.create_database(template=cluster.template if migrated else None)
     try:
         yield cluster.url(name)
     finally:
         cluster.drop_database(name)
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, migrated database of the backend under test."""
+    yield from fresh_database(backend, tmp_path, request, migrated=True)
 
 
 @pytest.fixture

@@ -14,20 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.main import create_app
 from app.settings import Settings
 from app.storage import migrate, open_storage
-from tests.pgcluster import PgCluster
+from tests.conftest import fresh_database
 
 
 @pytest.fixture
 def empty_db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
-        return
-    cluster: PgCluster = request.getfixturevalue("pg_cluster")
-    name = cluster.create_database()
-    try:
-        yield cluster.url(name)
-    finally:
-        cluster.drop_database(name)
+    yield from fresh_database(backend, tmp_path, request, migrated=False)
 
 
 async def on_connection(url: str, work: Any) -> Any:

@@ -220,7 +220,8 @@ class QueueService:
                 now = self.clock.now()
                 expires = now + timedelta(milliseconds=lease_ms)
                 leases = await self.storage.reserve(names, worker_id, max_jobs, now, expires)
-                if gone is not None and await gone():
+                # Only a poll that has waited can have lost its client in the meantime.
+                if waiter.admitted and gone is not None and await gone():
                     await self._give_back(leases)
                     return []
                 remaining = deadline - loop.time()
