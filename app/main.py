@@ -46,13 +46,14 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             pool_size=settings.db_pool_size,
         )
         await ensure_schema(storage, settings.auto_migrate)
-        notifier = Notifier(clock)
+        notifier = Notifier(clock, storage.earliest, settings.poll_recheck_ms / 1000)
         limits = Limits(
             max_payload_bytes=settings.max_payload_bytes,
             retry_base_ms=settings.retry_base_ms,
             retry_max_ms=settings.retry_max_ms,
             poll_recheck_ms=settings.poll_recheck_ms,
             max_waiting_polls=settings.max_waiting_polls,
+            max_response_bytes=settings.max_response_bytes,
             retain_succeeded_hours=settings.retain_succeeded_hours,
             retain_failed_hours=settings.retain_failed_hours,
             idempotency_window_hours=settings.idempotency_window_hours,

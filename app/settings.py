@@ -33,10 +33,19 @@ class Settings(BaseSettings):
     # Room for a payload at its limit after JSON escaping, and the other fields.
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_waiting_polls: int = Field(default=1000, ge=1)
+    # POST /leases stops adding leases before their payloads pass this (at least one goes).
+    max_response_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
+    # Longer than common client pools keep idle connections (httpx 5 s, aiohttp 15 s,
+    # browsers up to 60 s), so the client, not the server, closes an idle one: a request
+    # sent just as the server closes it would fail on the client.
+    keep_alive_s: int = Field(default=75, ge=1, le=3600)
+    access_log: bool = True
     retry_base_ms: int = Field(default=1000, ge=0)
     retry_max_ms: int = Field(default=3_600_000, ge=0)
     reaper_interval_ms: int = Field(default=250, ge=10, le=1000)
-    poll_recheck_ms: int = Field(default=1000, ge=10)
+    # Per job name with long polls waiting, how often the database is re-read (jittered
+    # ±25 %): a safety net for lost news, not how waiters learn of jobs.
+    poll_recheck_ms: int = Field(default=5000, ge=10)
     retain_succeeded_hours: int = Field(default=7 * 24, ge=0)
     retain_failed_hours: int = Field(default=30 * 24, ge=0)
     idempotency_window_hours: int = Field(default=24, ge=1)
@@ -46,7 +55,7 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
     shutdown_grace_s: int = Field(default=10, ge=1, le=600)
     db_pool_size: int = Field(default=10, ge=1, le=500)
-    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("database_url")

@@ -1,573 +1,796 @@
-"""Benchmark bgjobs-server: prints figures, asserts nothing (it is not a test).
+"""Benchmark bgjobs-server against its performance targets; prints figures, asserts nothing.
 
 Run from the repository root:
 
-    .venv/bin/python bench/run.py            # default sizes, a few minutes
-    .venv/bin/python bench/run.py --quick    # small sizes, about half a minute
+    .venv/bin/python bench/run.py --quick                       # SQLite, about 2 minutes
+    .venv/bin/python bench/run.py --backend postgres            # full sizes, up to 10 minutes
 
-Sections 1-3 talk HTTP to a real `python -m app.cli serve` child process on a temporary
-SQLite file and a free port of 127.0.0.1; section 4 calls the storage layer directly, so
-the cost of one reserve can be compared across backlog sizes without HTTP noise. The
-server is stopped in a `finally` (Ctrl-C and SIGTERM included) and, on Linux, also dies with
-the benchmark if that is SIGKILLed.
+The server (`python -m app.cli serve`) runs as a child pinned to core 0; the load
+generators (wrk for single requests, bench/loadgen.py on aiohttp for lease and ack loops)
+and this script are pinned to core 1. Everything is talked to over HTTP; only prefills
+without a batch endpoint write the database directly (bench/backends.py). Every child is
+stopped in a `finally`, also on Ctrl-C and SIGTERM. See bench/README.md for each row.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
+import json
 import math
 import os
-import platform
+import select
+import shutil
 import signal
-import socket
-import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import httpx
-from sqlalchemy import insert, text
+from backends import PostgresBackend, SqliteBackend
+from children import (
+    BENCH_DIR,
+    REPO_ROOT,
+    BenchError,
+    Children,
+    cpu_seconds,
+    free_port,
+    http,
+    pinned,
+    status_kib,
+    status_line,
+    tree_cpu_seconds,
+    wait_ready,
+)
+from loadgen import PAYLOAD
+from machine import (
+    busy_cpu_seconds,
+    code_under_test,
+    describe_disk,
+    describe_machine,
+    load_average,
+    own_cpu_seconds,
+    workdir_parent,
+)
+from report import Report, Row
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from app.queue.models import NewJob  # noqa: E402
-from app.queue.service import new_job_id  # noqa: E402
-from app.storage import open_storage  # noqa: E402
-from app.storage.base import Storage  # noqa: E402
-from app.storage.common import jobs  # noqa: E402
-
-JOB_NAME = "bench"
-PAYLOAD = '{"to": "ada@example.com", "subject": "benchmark"}'
+# One job name per measurement, so that no row sees another's jobs.
+ENQUEUE, PICKUP, IDLE, BATCH = "bench_enqueue", "bench_pickup", "bench_idle", "bench_batch"
+CYCLE, BATCHED_CYCLE, LATENCY, PROBE = "bench_cycle", "bench_batched", "bench_latency", "probe"
+BATCH_CONCURRENCY = 4  # POST /jobs/batch requests in flight (1,000 jobs each)
 
 
-# -- configuration --------------------------------------------------------------------------
+# -- configuration -----------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class Config:
-    enqueue: int
-    concurrency: int
-    workers: int
-    batch_backlog: int
-    batch_size: int
-    pickups: int
-    small: int
-    big: int
-    reserves: int
+    seconds: float  # each timed wrk run and each timed cycle
+    rounds: int  # alternating wrk runs of the minimal app and ours
+    warmup: float  # wrk run before each timed one, discarded
+    connections: int  # wrk keep-alive connections
+    pickups: int  # idle long-poll pickups timed
+    workers: int  # concurrent workers of the max_jobs=1 cycle
+    batch_workers: int  # concurrent workers of the batched cycle
+    lease_batch: int  # max_jobs of the batched cycle
+    cycle_backlog: int  # jobs prefilled for the max_jobs=1 cycle
+    batch_backlog: int  # jobs prefilled for the batched cycle
+    idle_polls: int  # parked long polls of the idle row
+    cpu_window: float  # seconds over which the server's CPU is read with the polls parked
+    big: int  # the big backlog
+    small: int  # the small backlog it is compared with
+    latency_cycles: int  # lease+ack round trips timed at each backlog
 
 
-DEFAULTS = Config(
-    enqueue=5000,
-    concurrency=16,
-    workers=8,
-    batch_backlog=5000,
-    batch_size=50,
-    pickups=200,
-    small=1000,
-    big=1_000_000,
-    reserves=2000,
-)
-QUICK = Config(
-    enqueue=1000,
-    concurrency=16,
-    workers=8,
-    batch_backlog=1000,
-    batch_size=50,
-    pickups=40,
-    small=1000,
-    big=100_000,
-    reserves=500,
-)
+FULL = Config(
+    seconds=10, rounds=2, warmup=2, connections=64, pickups=300, workers=16, batch_workers=4,
+    lease_batch=100, cycle_backlog=60_000, batch_backlog=400_000, idle_polls=1000,
+    cpu_window=12, big=1_000_000, small=1000, latency_cycles=1000,
+)  # fmt: skip
+QUICK = dataclasses.replace(
+    FULL, seconds=4, rounds=1, warmup=1, pickups=100, cycle_backlog=30_000,
+    batch_backlog=100_000, cpu_window=10, big=100_000, latency_cycles=300,
+)  # fmt: skip
+HELP = {
+    "seconds": "length of each timed wrk run and cycle",
+    "rounds": "alternating wrk runs of the minimal app and ours, in the first row",
+    "warmup": "wrk warm-up before each timed run, discarded",
+    "connections": "wrk keep-alive connections",
+    "pickups": "idle long-poll pickups timed",
+    "workers": "concurrent aiohttp workers of the max_jobs=1 cycle",
+    "batch_workers": "concurrent aiohttp workers of the batched cycle",
+    "lease_batch": "max_jobs of the batched cycle (above 100 needs a server that allows it)",
+    "cycle_backlog": "jobs prefilled for the max_jobs=1 cycle",
+    "batch_backlog": "jobs prefilled for the batched cycle",
+    "idle_polls": "long polls parked on an empty queue in the idle row",
+    "cpu_window": "seconds over which the server's CPU is read with the polls parked (>= 10)",
+    "big": "the big backlog",
+    "small": "the small backlog the big one is compared with",
+    "latency_cycles": "lease+ack round trips timed at each backlog",
+}
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Flags override the chosen preset one by one, so a single count can be scaled."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (about 30 s)")
-    help_text = {
-        "enqueue": "POST /jobs requests in section 1 (the backlog drained with max_jobs=1)",
-        "concurrency": "concurrent enqueue requests in section 1",
-        "workers": "concurrent lease+ack workers in section 2",
-        "batch_backlog": "jobs enqueued, then drained with --batch-size, in section 2",
-        "batch_size": "max_jobs of the batched lease run in section 2 (1..100)",
-        "pickups": "idle long-poll pickups measured in section 3",
-        "small": "small backlog of section 4",
-        "big": "big backlog of section 4",
-        "reserves": "reserve+ack calls timed at each backlog in section 4",
-    }
-    for name, text_ in help_text.items():
-        defaults = f"default {getattr(DEFAULTS, name)}, --quick {getattr(QUICK, name)}"
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"{text_} ({defaults})")
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """The targets; three are lower on PostgreSQL, where every commit is an fsync."""
+
+    enqueue_ratio: float
+    batched_cycle: float
+    batch_enqueue: float
+    pickup_p50_ms: float = 2
+    pickup_p99_ms: float = 10
+    cycle: float = 1000
+    idle_cpu: float = 0.05
+    idle_ratio: float = 0.9
+    backlog_ratio: float = 1.5
+    rss_mib: float = 150
+
+
+TARGETS = {"sqlite": Targets(0.8, 10_000, 50_000), "postgres": Targets(0.5, 5_000, 25_000)}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """Flags override the chosen preset one count at a time."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--quick", action="store_true", help="small sizes, about 2 minutes")
+    parser.add_argument(
+        "--pg-core",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="core PostgreSQL is pinned to: 0 shares the server's (default), 1 the generators'",
+    )
+    for name, text in HELP.items():
+        kind = type(getattr(FULL, name))
+        defaults = f"default {getattr(FULL, name)}, --quick {getattr(QUICK, name)}"
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} ({defaults})")
     args = parser.parse_args(argv)
-    config = dataclasses.replace(QUICK if args.quick else DEFAULTS)
-    for name in help_text:
-        value = getattr(args, name)
-        if value is not None:
-            setattr(config, name, value)
-    if not 1 <= config.batch_size <= 100:
-        parser.error("--batch-size must be within 1..100 (the API's max_jobs range)")
-    return config
+    config = dataclasses.replace(QUICK if args.quick else FULL)
+    for name in HELP:
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    return args, config
 
 
-# -- figures ---------------------------------------------------------------------------------
+# -- servers -----------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
-class Report:
-    """Figures in the order they were measured, printed again together at the end."""
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
 
-    lines: list[tuple[str, str]] = field(default_factory=list)
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
-    def add(self, label: str, value: str) -> None:
-        self.lines.append((label, value))
-        print(f"  {label:<52} {value}", flush=True)
 
-    def print_summary(self) -> None:
-        print("\n==== summary " + "=" * 60)
-        for label, value in self.lines:
-            print(f"{label:<54} {value}")
+def access_log_switch() -> tuple[list[str], dict[str, str], str]:
+    """How to turn the server's access log off, read from app/cli.py and app/settings.py as
+    they are now (they are changing): a `--no-access-log` flag, a `BGJOBS_ACCESS_LOG`
+    setting, or neither, in which case log level warning silences uvicorn's access logger,
+    whose lines are INFO."""
+    help_text = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    flags = ["--no-access-log"] if "--no-access-log" in help_text else []
+    settings = (REPO_ROOT / "app" / "settings.py").read_text()
+    env = {"BGJOBS_ACCESS_LOG": "false"} if "access_log" in settings else {}
+    used = [*flags, *(f"{k}={v}" for k, v in env.items())]
+    how = " and ".join(used) if used else "no switch in app/cli.py yet; BGJOBS_LOG_LEVEL=warning"
+    return flags, env, f"access log off via {how}"
+
+
+class Launcher:
+    """Starts the real server and the minimal app the same way: pinned, quiet, logged to a
+    file (a pipe nobody reads could fill and stall a server mid-measurement)."""
+
+    def __init__(self, children: Children, workdir: Path, core: int, max_polls: int) -> None:
+        self.children, self.workdir, self.core = children, workdir, core
+        self.flags, extra_env, self.access_log = access_log_switch()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BGJOBS_")}
+        self.env |= {"BGJOBS_LOG_LEVEL": "warning", "BGJOBS_MAX_WAITING_POLLS": str(max_polls)}
+        self.env |= extra_env
+
+    @contextlib.contextmanager
+    def _running(self, command: list[str], port: int, tag: str) -> Iterator[Server]:
+        log = self.workdir / f"{tag}.log"
+        with open(log, "ab") as out:
+            process = self.children.spawn(pinned(self.core, command), env=self.env, stderr=out)
+        try:
+            server = Server(process, f"http://127.0.0.1:{port}", log)
+            wait_ready(process, server.url, log)
+            yield server
+            if process.poll() is not None:
+                raise BenchError(f"{tag} server died:\n{log.read_text()[-2000:]}")
+        finally:
+            self.children.stop(process)
+
+    def ours(self, database_url: str, tag: str) -> contextlib.AbstractContextManager[Server]:
+        port = free_port()
+        command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+        return self._running([*command, "--database-url", database_url, *self.flags], port, tag)
+
+    def minimal(self) -> contextlib.AbstractContextManager[Server]:
+        port = free_port()
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH_DIR), "minimal_app:app"]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop"]
+        command += ["--http", "httptools", "--no-access-log", "--log-level", "warning"]
+        return self._running(command, port, "minimal")
+
+
+# -- load generators ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Wrk:
+    rate: float  # requests per second
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    cpu: float  # wrk's share of its core
+
+
+@dataclass(slots=True)
+class Caps:
+    """Which of the endpoints being added exist: None, or why a row cannot run."""
+
+    batch_enqueue: str | None
+    batch_ack: str | None
+    big_lease: str | None
+
+
+@dataclass(slots=True)
+class Bench:
+    config: Config
+    targets: Targets
+    children: Children
+    launcher: Launcher
+    backend: SqliteBackend | PostgresBackend
+    rows: dict[str, Row]
+    client_core: int
+    workdir: Path
+    caps: Caps | None = None
+
+    def postgres_pid(self) -> int | None:
+        return self.backend.postmaster_pid() if isinstance(self.backend, PostgresBackend) else None
+
+
+def run_wrk(bench: Bench, url: str, name: str, seconds: float) -> Wrk:
+    """wrk -t1 on core 1, POST /jobs; its CPU comes from the kernel's rusage of the process."""
+    script = str(BENCH_DIR / "post.lua")
+    command = ["wrk", "-t1", f"-c{bench.config.connections}", f"-d{seconds:g}s", "--timeout", "10s"]
+    env = {**os.environ, "BENCH_JOB_NAME": name, "BENCH_PAYLOAD": PAYLOAD}
+    start = time.perf_counter()
+    process = bench.children.spawn(
+        pinned(bench.client_core, [*command, "-s", script, f"{url}/jobs"]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    with process.stdout:
+        output = process.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    bench.children.stop(process)
+    lines = [line for line in output.splitlines() if line.startswith('{"requests"')]
+    if process.returncode != 0 or not lines:
+        raise BenchError(f"wrk failed ({process.returncode}):\n{output}")
+    summary = json.loads(lines[-1])
+    failed = sum(summary[key] for key in ("connect", "read", "write", "status", "timeout"))
+    if failed:
+        raise BenchError(f"wrk: {failed} of {summary['requests']} requests failed: {summary}")
+    return Wrk(
+        rate=summary["requests"] / (summary["duration_us"] / 1e6),
+        requests=summary["requests"],
+        seconds=summary["duration_us"] / 1e6,
+        p50_ms=summary["p50_us"] / 1000,
+        p99_ms=summary["p99_us"] / 1000,
+        cpu=(usage.ru_utime + usage.ru_stime) / wall,
+    )
+
+
+def loadgen_command(bench: Bench, mode: str, *args: object) -> list[str]:
+    script = str(BENCH_DIR / "loadgen.py")
+    return pinned(bench.client_core, [sys.executable, script, mode, *map(str, args)])
+
+
+def run_loadgen(bench: Bench, mode: str, *args: object, timeout: float = 900) -> dict[str, Any]:
+    """One aiohttp generator process on core 1; its JSON result, or BenchError if requests
+    failed (the row is then reported FAILED)."""
+    log = bench.workdir / f"loadgen-{mode}.log"
+    with open(log, "ab") as err:
+        process = bench.children.spawn(
+            loadgen_command(bench, mode, *args), stdout=subprocess.PIPE, stderr=err
+        )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"loadgen {mode} still running after {timeout:.0f} s") from exc
+    finally:
+        bench.children.stop(process)
+    if process.returncode != 0 or not output.strip():
+        raise BenchError(f"loadgen {mode} exited {process.returncode}:\n{log.read_text()[-3000:]}")
+    result: dict[str, Any] = json.loads(output.splitlines()[-1])
+    if result.get("errors"):
+        raise BenchError(
+            f"loadgen {mode}: {result['errors']} errors, first: {result['first_error']}"
+        )
+    return result
+
+
+def read_json_line(process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    line = process.stdout.readline() if ready else b""
+    if not line:
+        raise BenchError(f"generator said nothing in {timeout:.0f} s (exit {process.poll()})")
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+def probe(url: str) -> Caps:
+    """Ask the server which of the new endpoints it has: 404/405/422 mean not yet."""
+
+    def missing(reply_status: int, ok: int, what: str) -> str | None:
+        if reply_status == ok:
+            return None
+        if reply_status >= 500:
+            raise BenchError(f"probe {what}: {reply_status}")
+        return f"endpoint missing: {what} -> {reply_status}"
+
+    jobs = {"jobs": [{"name": PROBE, "payload": PAYLOAD}]}
+    ack = {"ids": ["0" * 32 + ".1"]}
+    lease = {"worker_id": "probe", "names": [f"{PROBE}_empty"], "max_jobs": 1000, "wait_ms": 0}
+    return Caps(
+        batch_enqueue=missing(
+            http("POST", f"{url}/jobs/batch", jobs).status, 201, "POST /jobs/batch"
+        ),
+        batch_ack=missing(http("POST", f"{url}/leases/ack", ack).status, 200, "POST /leases/ack"),
+        big_lease=missing(http("POST", f"{url}/leases", lease).status, 200, "max_jobs=1000"),
+    )
+
+
+def cpu_share(result: dict[str, Any]) -> float:
+    return float(result["cpu"]) / max(float(result["seconds"]), 1e-9)
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile: a value that was actually observed, no interpolation."""
+    """Nearest rank: a value that was observed."""
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
+# -- backlogs ----------------------------------------------------------------------------------
 
 
-# -- the server process ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def http_fill(bench: Bench, server: Server, name: str, count: int) -> dict[str, Any]:
+    result = run_loadgen(
+        bench, "fill", "--url", server.url, "--name", name, "--count", count,
+        "--concurrency", BATCH_CONCURRENCY,
+    )  # fmt: skip
+    if result.get("missing"):
+        raise BenchError(f"POST /jobs/batch vanished: {result['missing']}")
+    rate = result["jobs"] / max(result["seconds"], 1e-9)
+    print(f"  prefilled {result['total']:,} {name} jobs by POST /jobs/batch ({rate:,.0f} jobs/s)")
+    return result
 
 
 @contextlib.contextmanager
-def server(database_url: str, log_path: Path) -> Iterator[str]:
-    """`python -m app.cli serve` as a user runs it; always stopped (SIGTERM, then SIGKILL).
-
-    Its output goes to a file rather than a pipe: a pipe nobody reads could fill up and
-    stall the server in the middle of a measurement.
-    """
-    port = free_port()
-    command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-    command += ["--database-url", database_url]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,  # a Ctrl-C reaches us only; we stop it in order
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(process, url, log_path)
-            yield url
-        finally:
-            stop(process)
+def prepared(bench: Bench, tag: str, fills: dict[str, int]) -> Iterator[Server]:
+    """A server on a fresh database holding `fills` available jobs per name: enqueued over
+    HTTP with POST /jobs/batch when the server has it, else inserted by SQL while no server
+    runs (one start first creates the schema)."""
+    assert bench.caps is not None
+    url = bench.backend.new_database(tag)
+    by_sql = bool(fills) and bench.caps.batch_enqueue is not None
+    if by_sql:
+        with bench.launcher.ours(url, f"{tag}-schema"):
+            pass
+        for name, count in fills.items():
+            started = time.perf_counter()
+            bench.backend.insert_jobs(url, name, count)
+            took = time.perf_counter() - started
+            print(f"  prefilled {count:,} {name} jobs by SQL in {took:.1f} s (no /jobs/batch)")
+    with bench.launcher.ours(url, tag) as server:
+        if not by_sql:
+            for name, count in fills.items():
+                http_fill(bench, server, name, count)
+        yield server
 
 
-def die_with_parent() -> None:
-    """In the child before exec: SIGTERM it if the benchmark dies without its `finally`
-    (SIGKILL), so a server is never left behind."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+# -- the rows ----------------------------------------------------------------------------------
 
 
-def wait_ready(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not become ready in 30 s")
+def make_rows(report: Report, t: Targets) -> dict[str, Row]:
+    """Every row of the table, in its order, before anything runs: a row that is never
+    reached still shows up, as 'not run'."""
+    return {
+        "enqueue": report.row(
+            "POST /jobs, 64 conns (wrk), / minimal FastAPI", f">= {t.enqueue_ratio}x"
+        ),
+        "pickup_p50": report.row("idle long-poll pickup p50", f"< {t.pickup_p50_ms:g} ms"),
+        "pickup_p99": report.row("idle long-poll pickup p99", f"< {t.pickup_p99_ms:g} ms"),
+        "cycle": report.row("cycle: lease max_jobs=1 + ack each", f">= {t.cycle:,.0f} jobs/s"),
+        "batched": report.row(
+            "batched cycle: lease 100 + one batch ack", f">= {t.batched_cycle:,.0f} jobs/s"
+        ),
+        "batch_enqueue": report.row(
+            "batch enqueue POST /jobs/batch (1000/req)", f">= {t.batch_enqueue:,.0f} jobs/s"
+        ),
+        "idle_cpu": report.row(
+            "1,000 idle long polls: server CPU", f"< {t.idle_cpu:.0%} of a core"
+        ),
+        "idle_rate": report.row(
+            "1,000 idle long polls: POST /jobs with/without", f">= {t.idle_ratio}x"
+        ),
+        "backlog": report.row("big backlog: lease+ack p50, big/small", f"<= {t.backlog_ratio}x"),
+        "rss": report.row("big backlog: server VmHWM after enqueue", f"< {t.rss_mib:g} MiB"),
+    }
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
+def section(rows: list[Row], body: Callable[[], None]) -> None:
+    """A break in one section fails its rows that have no figure yet; the others still run."""
     try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        body()
+    except BenchError as exc:
+        for row in rows:
+            if row.figure == "not run":
+                row.failed(str(exc))
 
 
-@contextlib.asynccontextmanager
-async def http_client(url: str, connections: int) -> AsyncIterator[httpx.AsyncClient]:
-    """Keep-alive pool as big as the concurrency; trust_env=False so no proxy is involved."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(
-        base_url=url, limits=limits, timeout=60, trust_env=False
-    ) as client:
-        yield client
-
-
-# -- HTTP helpers ----------------------------------------------------------------------------
-
-
-async def enqueue_one(client: httpx.AsyncClient, name: str = JOB_NAME) -> None:
-    response = await client.post("/jobs", json={"name": name, "payload": PAYLOAD})
-    if response.status_code != 201:
-        raise RuntimeError(f"enqueue: {response.status_code} {response.text}")
-
-
-async def lease(
-    client: httpx.AsyncClient, worker_id: str, max_jobs: int, wait_ms: int
-) -> list[dict[str, Any]]:
-    body = {"worker_id": worker_id, "names": [JOB_NAME], "max_jobs": max_jobs, "wait_ms": wait_ms}
-    response = await client.post("/leases", json=body)
-    if response.status_code != 200:
-        raise RuntimeError(f"lease: {response.status_code} {response.text}")
-    leases: list[dict[str, Any]] = response.json()["leases"]
-    return leases
-
-
-async def ack(client: httpx.AsyncClient, lease_id: str) -> None:
-    response = await client.post(f"/leases/{lease_id}/ack")
-    if response.status_code != 200:
-        raise RuntimeError(f"ack: {response.status_code} {response.text}")
-
-
-async def run_concurrently(
-    count: int, concurrency: int, task: Callable[[], Awaitable[None]]
-) -> None:
-    """Run `task` `count` times with at most `concurrency` in flight (a fixed pool of loops,
-    so there is no backlog of waiting coroutines to skew latencies)."""
-    remaining = count
-
-    async def loop() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            await task()
-
-    await asyncio.gather(*(loop() for _ in range(min(concurrency, count))))
-
-
-# -- 1. enqueue throughput --------------------------------------------------------------------
-
-
-async def enqueue_backlog(client: httpx.AsyncClient, count: int, concurrency: int) -> list[float]:
-    """Enqueue `count` jobs; returns each request's latency in seconds."""
-    latencies: list[float] = []
-
-    async def one() -> None:
-        start = time.perf_counter()
-        await enqueue_one(client)
-        latencies.append(time.perf_counter() - start)
-
-    await run_concurrently(count, concurrency, one)
-    return latencies
-
-
-async def bench_enqueue(url: str, config: Config, report: Report) -> None:
-    print(f"\n1. enqueue: {config.enqueue} x POST /jobs, {config.concurrency} concurrent")
-    async with http_client(url, config.concurrency) as client:
-        await run_concurrently(50, config.concurrency, lambda: enqueue_one(client, "warmup"))
-        start = time.perf_counter()
-        latencies = await enqueue_backlog(client, config.enqueue, config.concurrency)
-        elapsed = time.perf_counter() - start
-    report.add(
-        f"enqueue throughput (C={config.concurrency})", f"{config.enqueue / elapsed:,.0f} jobs/s"
-    )
-    report.add("enqueue latency p50", ms(percentile(latencies, 50)))
-    report.add("enqueue latency p99", ms(percentile(latencies, 99)))
-
-
-# -- 2. lease+ack cycles ---------------------------------------------------------------------
-
-
-async def drain(client: httpx.AsyncClient, workers: int, max_jobs: int) -> int:
-    """Workers lease (no wait) and ack one by one until a lease comes back empty.
-
-    The backlog only shrinks during a drain, so the first empty answer means it is gone.
-    """
-    done = 0
-
-    async def worker(index: int) -> None:
-        nonlocal done
-        while leases := await lease(client, f"worker-{index}", max_jobs, wait_ms=0):
-            for held in leases:
-                await ack(client, held["id"])
-                done += 1
-
-    await asyncio.gather(*(worker(i) for i in range(workers)))
-    return done
-
-
-async def timed_drain(
-    client: httpx.AsyncClient, expected: int, workers: int, max_jobs: int, report: Report
-) -> None:
-    start = time.perf_counter()
-    done = await drain(client, workers, max_jobs)
-    elapsed = time.perf_counter() - start
-    if done != expected:
-        raise RuntimeError(f"drained {done} jobs, expected {expected}")
-    report.add(
-        f"lease+ack throughput (max_jobs={max_jobs}, {workers} workers)",
-        f"{done / elapsed:,.0f} jobs/s",
+def combined(runs: list[Wrk]) -> Wrk:
+    """Several wrk runs as one: all their requests over all their time."""
+    requests, seconds = sum(r.requests for r in runs), sum(r.seconds for r in runs)
+    return Wrk(
+        rate=requests / seconds,
+        requests=requests,
+        seconds=seconds,
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p99_ms=max(r.p99_ms for r in runs),
+        cpu=max(r.cpu for r in runs),
     )
 
 
-async def bench_lease_ack(url: str, config: Config, report: Report) -> None:
-    print(f"\n2. lease+ack: {config.workers} workers drain the backlog")
-    connections = max(config.workers, config.concurrency)
-    async with http_client(url, connections) as client:
-        await timed_drain(client, config.enqueue, config.workers, 1, report)
-        print(f"  (enqueueing {config.batch_backlog} more jobs, not timed)", flush=True)
-        await enqueue_backlog(client, config.batch_backlog, config.concurrency)
-        await timed_drain(client, config.batch_backlog, config.workers, config.batch_size, report)
+def enqueue_row(bench: Bench, server: Server, minimal: Server) -> None:
+    """The minimal app and ours in alternating rounds of the same wrk command, so that a
+    change of load on the machine during the run falls on both."""
+    row, cfg = bench.rows["enqueue"], bench.config
+    for url in (minimal.url, server.url):
+        run_wrk(bench, url, ENQUEUE, cfg.warmup)
+    theirs, ours = [], []
+    for _ in range(cfg.rounds):
+        theirs.append(run_wrk(bench, minimal.url, ENQUEUE, cfg.seconds))
+        ours.append(run_wrk(bench, server.url, ENQUEUE, cfg.seconds))
+    base, mine = combined(theirs), combined(ours)
+    if not base.requests:
+        raise BenchError("the minimal app answered no request")
+    ratio = mine.rate / base.rate
+    row.measured(f"{ratio:.2f}x", ratio, bench.targets.enqueue_ratio, higher_is_better=True)
+    for label, w in (("ours", mine), ("minimal", base)):
+        row.note(
+            f"{label}: {w.rate:,.0f} req/s, p50 {w.p50_ms:.1f} ms, p99 {w.p99_ms:.1f} ms "
+            f"(wrk at {w.cpu:.0%} of core 1)"
+        )
+        row.void_if_busy(w.cpu, f"wrk against {label}")
+    row.note(f"{cfg.rounds} round(s) of {cfg.seconds:g} s each, alternating minimal and ours")
 
 
-# -- 3. idle long-poll pickup ----------------------------------------------------------------
-
-
-async def one_pickup(worker: httpx.AsyncClient, producer: httpx.AsyncClient) -> tuple[float, float]:
-    """Park a long poll on the empty queue, enqueue one job, and time enqueue-to-lease.
-
-    The clock starts just before the enqueue request is sent, so the figure includes the
-    enqueue's own commit: a job cannot be leased before it is durable. Also returns the
-    enqueue's round trip, to tell the wake-up's share from the commit's.
-    """
-    arrived = 0.0
-
-    async def wait_for_job() -> None:
-        nonlocal arrived
-        leases = await lease(worker, "poller", 1, wait_ms=10_000)
-        arrived = time.perf_counter()
-        if len(leases) != 1:
-            raise RuntimeError(f"long poll returned {len(leases)} leases, expected 1")
-        await ack(worker, leases[0]["id"])
-
-    polling = asyncio.create_task(wait_for_job())
-    await asyncio.sleep(0.05)  # let the request reach the server and park in its wait
-    if polling.done():
-        await polling  # surfaces the error: the queue was not empty
-    sent = time.perf_counter()
-    await enqueue_one(producer)
-    enqueued = time.perf_counter()
-    await polling
-    return arrived - sent, enqueued - sent
-
-
-async def bench_pickup(url: str, config: Config, report: Report) -> None:
-    print(f"\n3. idle long-poll pickup: {config.pickups} times, wait_ms=10000")
-    async with http_client(url, 2) as worker, http_client(url, 2) as producer:
-        for _ in range(3):  # warm-up
-            await one_pickup(worker, producer)
-        samples = [await one_pickup(worker, producer) for _ in range(config.pickups)]
-    latencies = [pickup for pickup, _ in samples]
-    report.add("long-poll pickup p50", ms(percentile(latencies, 50)))
-    report.add("long-poll pickup p99", ms(percentile(latencies, 99)))
-    report.add("long-poll pickup max", ms(max(latencies)))
-    enqueues = [enqueue for _, enqueue in samples]
-    report.add("  (its enqueue round trip alone, p50)", ms(percentile(enqueues, 50)))
-
-
-async def bench_http(config: Config, workdir: Path, report: Report) -> None:
-    """Sections 1-3 share one server and one database file, in order: 2 drains 1's backlog."""
-    database_url = f"sqlite+aiosqlite:///{workdir / 'http.db'}"
-    with server(database_url, workdir / "server.log") as url:
-        await bench_enqueue(url, config, report)
-        await bench_lease_ack(url, config, report)
-        await bench_pickup(url, config, report)
-
-
-# -- 4. reserve cost vs backlog, no HTTP -----------------------------------------------------
-
-
-async def fill(storage: Storage, count: int) -> None:
-    """Bulk-insert `count` available jobs in 10k-row statements, bypassing the per-job
-    transaction of `enqueue` (which would take minutes for a million rows).
-
-    The rows carry the columns `SqlStorage.enqueue` writes; `available_at` rises by one
-    microsecond per row, all in the past, so the oldest-first order is well defined.
-    """
-    engine = storage.engine  # type: ignore[attr-defined]
-    base = datetime.now(UTC) - timedelta(days=1)
-    batch = 10_000
-    for first in range(0, count, batch):
-        rows = [
-            {
-                "id": f"bench{i:012d}",
-                "name": JOB_NAME,
-                "payload": PAYLOAD,
-                "attempts": 0,
-                "max_retries": 3,
-                "created_at": base + timedelta(microseconds=i),
-                "available_at": base + timedelta(microseconds=i),
-                "lease_seq": 0,
-            }
-            for i in range(first, min(first + batch, count))
-        ]
-        async with engine.begin() as conn:
-            await conn.execute(insert(jobs), rows)
-    async with engine.connect() as conn:
-        await conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
-
-
-OPS = ("reserve", "ack", "enqueue")
-
-
-@dataclass(slots=True)
-class Backlog:
-    """One SQLite file kept at a constant number of available jobs, and what each call cost."""
-
-    size: int
-    storage: Storage
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {op: [] for op in OPS})
-
-
-async def cycle(backlog: Backlog, record: bool = True) -> None:
-    """Reserve one job, ack it, enqueue a replacement: the backlog keeps its size, so every
-    timed reserve sees the same number of available jobs."""
-    storage, now = backlog.storage, datetime.now(UTC)
-    start = time.perf_counter()
-    leases = await storage.reserve([JOB_NAME], "w", 1, now, now + timedelta(seconds=30))
-    reserved = time.perf_counter()
-    if len(leases) != 1:
-        raise RuntimeError(f"reserve returned {len(leases)} leases, expected 1")
-    if await storage.ack(leases[0].job.id, leases[0].id, now) is None:
-        raise RuntimeError("ack refused a fresh lease")
-    acked = time.perf_counter()
-    await storage.enqueue(NewJob(new_job_id(), JOB_NAME, PAYLOAD, 3, now, now), now)
-    enqueued = time.perf_counter()
-    if record:
-        for op, seconds in zip(
-            OPS, (reserved - start, acked - reserved, enqueued - acked), strict=True
-        ):
-            backlog.seconds[op].append(seconds)
-
-
-async def create_schema(storage: Any) -> None:
-    """`start()` created the schema until Alembic migrations replaced it with `migrate()`;
-    accept either, so the benchmark runs on both sides of that change."""
-    if hasattr(storage, "migrate"):
-        await storage.migrate()
-    else:
-        await storage.start()
-
-
-async def open_backlog(stack: contextlib.AsyncExitStack, path: Path, size: int) -> Backlog:
-    storage = open_storage(f"sqlite+aiosqlite:///{path}")
-    stack.push_async_callback(storage.close)
-    await create_schema(storage)
-    started = time.perf_counter()
-    await fill(storage, size)
-    print(f"  filled {size:,} jobs in {time.perf_counter() - started:.1f} s", flush=True)
-    backlog = Backlog(size, storage)
-    for _ in range(100):  # warm-up: pooled connections, statement cache, hot pages
-        await cycle(backlog, record=False)
-    return backlog
-
-
-async def alternate(backlogs: list[Backlog], calls: int, block: int = 50) -> None:
-    """Time the backlogs in alternating blocks, so that load from anything else on the
-    machine falls on both alike instead of on whichever ran second."""
-    done = 0
-    while done < calls:
-        count = min(block, calls - done)
-        for backlog in backlogs:
-            for _ in range(count):
-                await cycle(backlog)
-        done += count
-
-
-def mean_us(values: list[float]) -> float:
-    return sum(values) / len(values) * 1e6
-
-
-async def bench_storage(config: Config, workdir: Path, report: Report) -> None:
-    print(
-        f"\n4. storage, no HTTP: {config.reserves} x (reserve 1, ack it, enqueue 1) "
-        f"at backlogs {config.small:,} and {config.big:,}"
+def pickup_rows(bench: Bench, server: Server) -> None:
+    result = run_loadgen(
+        bench, "pickup", "--url", server.url, "--name", PICKUP, "--samples", bench.config.pickups
     )
-    async with contextlib.AsyncExitStack() as stack:
-        small = await open_backlog(stack, workdir / "small.db", config.small)
-        big = await open_backlog(stack, workdir / "big.db", config.big)
-        await alternate([small, big], config.reserves)
-    for op in OPS:
-        for backlog in (small, big):
-            values = backlog.seconds[op]
-            report.add(
-                f"storage.{op} at backlog {backlog.size:,}",
-                f"{mean_us(values):,.0f} us/call (p50 {percentile(values, 50) * 1e6:,.0f})",
+    latencies, t = result["latencies_ms"], bench.targets
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    bench.rows["pickup_p50"].measured(f"{p50:.2f} ms", p50, t.pickup_p50_ms, False)
+    bench.rows["pickup_p99"].measured(f"{p99:.2f} ms", p99, t.pickup_p99_ms, False)
+    bench.rows["pickup_p99"].note(
+        f"{len(latencies)} samples, max {max(latencies):.2f} ms; the enqueue round trip "
+        f"alone p50 {percentile(result['enqueue_ms'], 50):.2f} ms (a job is leasable only once "
+        "committed)"
+    )
+
+
+def idle_rows(bench: Bench, server: Server) -> None:
+    """POST /jobs rate without, then with, `idle_polls` long polls parked on another name;
+    in between, the server's CPU over `cpu_window` seconds with only the polls open."""
+    cfg, cpu_row, rate_row = bench.config, bench.rows["idle_cpu"], bench.rows["idle_rate"]
+    without = run_wrk(bench, server.url, ENQUEUE, cfg.seconds)
+    log = bench.workdir / "loadgen-idle.log"
+    command = loadgen_command(bench, "idle", "--url", server.url, "--name", IDLE)
+    with open(log, "ab") as err:
+        polls = bench.children.spawn(
+            [*command, "--polls", str(cfg.idle_polls)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    try:
+        parked = read_json_line(polls, timeout=120)
+        if parked["open"] != cfg.idle_polls or parked["errors"]:
+            raise BenchError(f"not all polls parked: {parked}")
+        postgres = bench.postgres_pid()
+        pg_before = tree_cpu_seconds(postgres) if postgres else 0.0
+        before, start = cpu_seconds(server.pid), time.perf_counter()
+        time.sleep(cfg.cpu_window)
+        cpu = (cpu_seconds(server.pid) - before) / (time.perf_counter() - start)
+        pg_cpu = (tree_cpu_seconds(postgres) - pg_before) / cfg.cpu_window if postgres else None
+        with_polls = run_wrk(bench, server.url, ENQUEUE, cfg.seconds)
+        assert polls.stdin is not None
+        polls.stdin.write(b"stop\n")
+        polls.stdin.flush()
+        done = read_json_line(polls, timeout=120)
+    finally:
+        bench.children.stop(polls)
+    cpu_row.measured(f"{cpu:.1%} of a core", cpu, bench.targets.idle_cpu, False)
+    cpu_row.note(
+        f"{cfg.idle_polls} polls (wait_ms=60000) parked on '{IDLE}'; /proc/{server.pid}/stat "
+        f"over {cfg.cpu_window:g} s; generator at {done['cpu'] / done['seconds']:.0%} of core 1"
+    )
+    if pg_cpu is not None:
+        cpu_row.note(f"PostgreSQL's processes meanwhile: {pg_cpu:.1%} of a core")
+    if done["open_at_stop"] != cfg.idle_polls:
+        raise BenchError(f"polls ended before the stop: {done}")
+    ratio = with_polls.rate / without.rate
+    rate_row.measured(f"{ratio:.2f}x", ratio, bench.targets.idle_ratio, True)
+    rate_row.note(
+        f"{with_polls.rate:,.0f} req/s with the polls open, {without.rate:,.0f} without "
+        f"(wrk at {with_polls.cpu:.0%} / {without.cpu:.0%} of core 1)"
+    )
+    rate_row.void_if_busy(max(with_polls.cpu, without.cpu), "wrk")
+
+
+def batch_enqueue_row(bench: Bench, server: Server) -> None:
+    row = bench.rows["batch_enqueue"]
+    assert bench.caps is not None
+    if bench.caps.batch_enqueue:
+        row.unavailable(bench.caps.batch_enqueue)
+        return
+    result = run_loadgen(
+        bench, "fill", "--url", server.url, "--name", BATCH, "--count", 10**9,
+        "--concurrency", BATCH_CONCURRENCY, "--seconds", bench.config.seconds,
+    )  # fmt: skip
+    if result.get("missing"):
+        row.unavailable(f"endpoint missing: POST /jobs/batch -> {result['missing']}")
+        return
+    rate = result["jobs"] / result["seconds"]
+    row.measured(f"{rate:,.0f} jobs/s", rate, bench.targets.batch_enqueue, True)
+    row.note(
+        f"{result['jobs']:,} jobs in {result['seconds']:.1f} s, {BATCH_CONCURRENCY} requests "
+        f"of 1,000 jobs in flight; generator at {cpu_share(result):.0%} of core 1"
+    )
+    row.void_if_busy(cpu_share(result))
+
+
+def main_server_rows(bench: Bench) -> None:
+    """The minimal app beside our server for the first row, then our server alone for the
+    rows that need no backlog."""
+    rows = bench.rows
+    with contextlib.ExitStack() as minimal_stack:
+        minimal = minimal_stack.enter_context(bench.launcher.minimal())
+        with bench.launcher.ours(bench.backend.new_database("main"), "main") as server:
+            bench.caps = probe(server.url)
+            section([rows["enqueue"]], lambda: enqueue_row(bench, server, minimal))
+            minimal_stack.close()
+            section([rows["pickup_p50"], rows["pickup_p99"]], lambda: pickup_rows(bench, server))
+            section([rows["idle_cpu"], rows["idle_rate"]], lambda: idle_rows(bench, server))
+            section([rows["batch_enqueue"]], lambda: batch_enqueue_row(bench, server))
+
+
+def cycle_row(bench: Bench, server: Server, row: Row, name: str, batched: bool) -> None:
+    cfg = bench.config
+    workers, max_jobs = (cfg.batch_workers, cfg.lease_batch) if batched else (cfg.workers, 1)
+    args: list[object] = ["--url", server.url, "--name", name, "--workers", workers]
+    args += ["--max-jobs", max_jobs, "--seconds", cfg.seconds]
+    result = run_loadgen(bench, "cycle", *args, *(["--batch-ack"] if batched else []))
+    rate = result["jobs"] / result["seconds"]
+    target = bench.targets.batched_cycle if batched else bench.targets.cycle
+    row.measured(f"{rate:,.0f} jobs/s", rate, target, True)
+    how = "one POST /leases/ack per lease" if batched else "POST /leases/{id}/ack per job"
+    drained = ", backlog drained before the time was up" if result["drained"] else ""
+    row.note(
+        f"{workers} workers, max_jobs={max_jobs}, {how}: {result['jobs']:,} jobs in "
+        f"{result['seconds']:.1f} s{drained}; generator at {cpu_share(result):.0%} of core 1"
+    )
+    row.void_if_busy(cpu_share(result))
+
+
+def cycle_rows(bench: Bench) -> None:
+    if bench.caps is None:
+        raise BenchError("the first section never reached the server")
+    cfg, caps, rows = bench.config, bench.caps, bench.rows
+    why_not = caps.batch_ack or (caps.big_lease if cfg.lease_batch > 100 else None)
+    fills = {CYCLE: cfg.cycle_backlog} | ({} if why_not else {BATCHED_CYCLE: cfg.batch_backlog})
+    with prepared(bench, "cycles", fills) as server:
+        section([rows["cycle"]], lambda: cycle_row(bench, server, rows["cycle"], CYCLE, False))
+        if why_not:
+            rows["batched"].unavailable(why_not)
+        else:
+            section(
+                [rows["batched"]],
+                lambda: cycle_row(bench, server, rows["batched"], BATCHED_CYCLE, True),
             )
-        ratio = mean_us(big.seconds[op]) / mean_us(small.seconds[op])
-        report.add(f"storage.{op} ratio big/small (means)", f"{ratio:.2f}x")
 
 
-# -- main ------------------------------------------------------------------------------------
+def backlog_rows(bench: Bench) -> None:
+    """Lease+ack latency at `big` and `small` backlogs, one worker alternating between two
+    servers; and the big server's peak RSS once its backlog was enqueued over HTTP."""
+    if bench.caps is None:
+        raise BenchError("the first section never reached the server")
+    cfg, lat_row, rss_row = bench.config, bench.rows["backlog"], bench.rows["rss"]
+    if cfg.big != 1_000_000:
+        rss_row.note(f"backlog of {cfg.big:,} jobs, not 1,000,000 (--quick or --big)")
+    with (
+        prepared(bench, "small", {LATENCY: cfg.small}) as small,
+        prepared(bench, "big", {LATENCY: cfg.big}) as big,
+    ):
+        if bench.caps.batch_enqueue:
+            rss_row.unavailable("no /jobs/batch")
+        else:
+            peak = status_kib(big.pid, "VmHWM") / 1024
+            rss_row.measured(f"{peak:.0f} MiB", peak, bench.targets.rss_mib, False)
+            baseline = status_kib(small.pid, "VmHWM") / 1024
+            rss_row.note(f"a server with {cfg.small:,} jobs: VmHWM {baseline:.0f} MiB")
+        result = run_loadgen(
+            bench, "latency", "--url", big.url, "--url", small.url, "--name", LATENCY,
+            "--cycles", cfg.latency_cycles,
+        )  # fmt: skip
+    at_big, at_small = result["latencies_ms"][big.url], result["latencies_ms"][small.url]
+    ratio = statistics.median(at_big) / statistics.median(at_small)
+    lat_row.measured(f"{ratio:.2f}x", ratio, bench.targets.backlog_ratio, False, strict=False)
+    for size, values in ((cfg.big, at_big), (cfg.small, at_small)):
+        lat_row.note(
+            f"at {size:,} jobs: p50 {statistics.median(values):.2f} ms, "
+            f"p99 {percentile(values, 99):.2f} ms ({len(values)} lease+ack, 1 worker)"
+        )
 
 
-def machine() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"nproc {cores}, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
-        f"{platform.system()} {platform.machine()}"
+STEPS: tuple[tuple[str, Callable[[Bench], None], tuple[str, ...]], ...] = (
+    (
+        "1. POST /jobs vs the minimal app, pickup, idle polls, batch enqueue",
+        main_server_rows,
+        ("enqueue", "pickup_p50", "pickup_p99", "idle_cpu", "idle_rate", "batch_enqueue"),
+    ),
+    ("2. lease+ack cycles from a prefilled backlog", cycle_rows, ("cycle", "batched")),
+    ("3. big backlog: latency and memory", backlog_rows, ("backlog", "rss")),
+)
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def foreign_load(cpu_seconds: float, wall: float) -> str:
+    """Other processes compete with the server for its core: say how much they ran."""
+    share = cpu_seconds / wall / (os.cpu_count() or 1)
+    text = (
+        f"other processes on the machine during the run: {max(cpu_seconds, 0):.0f} CPU seconds "
+        f"in {wall:.0f} s ({max(share, 0):.0%} of all cores; this run's children excluded)"
     )
+    if share > 0.05:
+        text += ": WARNING, the machine was not quiet; figures are lower than on a quiet one"
+    return text
 
 
-def load_average() -> str:
-    """The 1-minute load: anything else running on the machine shows up in every figure."""
-    return f"{os.getloadavg()[0]:.2f}"
+def interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM ends the run like Ctrl-C: every `finally` runs and every child is stopped."""
+    raise KeyboardInterrupt
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (e.g. from `timeout`) cancels the run like Ctrl-C does, so every `finally`
-    runs and the server is stopped; Python's default would exit on the spot."""
-    task = asyncio.current_task()
-    if task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+def open_backend(
+    name: str, workdir: Path, parent: Path, core: int
+) -> SqliteBackend | PostgresBackend:
+    if name == "sqlite":
+        return SqliteBackend(workdir)
+    backend = PostgresBackend(parent, core)
+    try:
+        backend.start()
+    except BaseException:
+        backend.close()
+        raise
+    return backend
 
 
-async def main(config: Config) -> None:
-    stop_on_sigterm()
-    report = Report()
-    print(f"machine: {machine()}")
-    print(f"config: {config}")
-    load_start = load_average()
+def context_lines(
+    args: argparse.Namespace, config: Config, cores: tuple[int, int], workdir: Path
+) -> list[str]:
+    server, client = cores
+    lines = [
+        f"machine: {describe_machine()}",
+        f"code under test: {code_under_test()}",
+        f"load average at start: {load_average()}",
+        f"pinning: server on core {server}; wrk, aiohttp generators and this script on core "
+        f"{client}",
+        f"database folder: {describe_disk(workdir)}",
+        f"mode: {'--quick' if args.quick else 'full'}, backend {args.backend}; {config}",
+    ]
+    if server == client:
+        lines.append("WARNING: one core only: server and generators share it")
+    return lines
+
+
+def run(args: argparse.Namespace, config: Config, report: Report, children: Children) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    server_core, client_core = cores[0], cores[1] if len(cores) > 1 else cores[0]
+    os.sched_setaffinity(0, {client_core})
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bgjobs-bench-") as tmp:
-        workdir = Path(tmp)
-        await bench_http(config, workdir, report)
-        await bench_storage(config, workdir, report)
-    report.add("machine", machine())
-    report.add("load average at start / end", f"{load_start} / {load_average()}")
-    report.add("wall time of the whole run", f"{time.perf_counter() - started:.0f} s")
-    report.print_summary()
+    parent = workdir_parent()
+    workdir = Path(tempfile.mkdtemp(prefix="bgjobs-bench-", dir=parent))
+    backend: SqliteBackend | PostgresBackend | None = None
+    busy, own, postgres_cpu = busy_cpu_seconds(), own_cpu_seconds(), 0.0
+    try:
+        report.context += context_lines(args, config, (server_core, client_core), workdir)
+        pg_core = server_core if args.pg_core == 0 else client_core
+        backend = open_backend(args.backend, workdir, parent, pg_core)
+        report.context += backend.describe()
+        if isinstance(backend, PostgresBackend):
+            allowed = status_line(backend.postmaster_pid(), "Cpus_allowed_list")
+            shares = "the server's" if pg_core == server_core else "the generators'"
+            report.context.append(
+                f"PostgreSQL pinned to core {allowed}: it shares {shares} core; "
+                f"database folder: {describe_disk(backend.root)}"
+            )
+        max_polls = max(2000, 2 * config.idle_polls)
+        launcher = Launcher(children, workdir, server_core, max_polls)
+        report.context.append(
+            f"server: python -m app.cli serve, BGJOBS_LOG_LEVEL=warning, "
+            f"BGJOBS_MAX_WAITING_POLLS={max_polls}, {launcher.access_log}"
+        )
+        for line in report.context:
+            print(line, flush=True)
+        bench = Bench(
+            config, TARGETS[args.backend], children, launcher, backend, {}, client_core, workdir
+        )
+        bench.rows = make_rows(report, bench.targets)
+        for title, step, keys in STEPS:
+            print(f"\n{title}", flush=True)
+            section([bench.rows[key] for key in keys], lambda step=step: step(bench))
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        children.stop_all()
+        if isinstance(backend, PostgresBackend) and backend.running():
+            postgres_cpu = tree_cpu_seconds(backend.postmaster_pid())
+        if backend is not None:
+            backend.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        others = busy_cpu_seconds() - busy - (own_cpu_seconds() - own) - postgres_cpu
+        report.context.append(foreign_load(others, time.perf_counter() - started))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, config = parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)
+    report, children, status = Report(), Children(), 0
+    started = time.perf_counter()
+    try:
+        run(args, config, report, children)
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; every child was stopped", file=sys.stderr)
+        status = 130
+    except BenchError as exc:
+        print(f"\nbench: {exc}", file=sys.stderr)
+        status = 1
+    report.context.append(f"load average at end: {load_average()}")
+    report.context.append(f"wall time: {time.perf_counter() - started:.0f} s")
+    report.print()
+    return status or (1 if report.failed else 0)
 
 
 if __name__ == "__main__":
-    try:
-        asyncio.run(main(parse_args()))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit("bench: interrupted (the server was stopped)")
+    sys.exit(main())

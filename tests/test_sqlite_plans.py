@@ -6,7 +6,6 @@ Each query is captured as the SQLite backend really sends it, then explained by 
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 from sqlalchemy import event
 
 from app.queue.service import QueueService
+from app.storage.sqlite import reserve_sql, ts
 
 
 @pytest.fixture
@@ -61,23 +61,24 @@ def assert_no_table_scan(text: str) -> None:
 
 
 async def test_reserve_uses_the_ready_index(service: QueueService, tmp_path: Path) -> None:
-    now = service.clock.now()
+    """Reserve runs on the writer's own connection: explain the very text it prepares."""
     for name in ("a", "b"):
         for _ in range(3):
             await service.enqueue(name, "x", 3)
-    ((statement, params),) = await captured(
-        service,
-        lambda: service.storage.reserve(["a", "b"], "w", 2, now, now + timedelta(seconds=30)),
-    )
-    text = plan(tmp_path / "bgjobs.db", statement, params)
+    now = ts(service.clock.now())
+    params = {"n0": "a", "n1": "b", "now": now, "max_jobs": 2, "max_bytes": 1 << 20}
+    params |= {"worker": "w", "expires": now}
+    text = plan(tmp_path / "bgjobs.db", reserve_sql(2), params)
     assert text.count("ix_jobs_ready") == 2, text  # one bounded range per name
-    assert text.count("TEMP B-TREE") <= 1, text  # only the merge of <= names x max_jobs rows
+    # Sorts only of bounded sets: each name's <= max_jobs rows for the merge, and the
+    # <= max_jobs oldest for the running total of payload sizes; never of `jobs` itself.
+    assert text.count("TEMP B-TREE") <= 2 + 1, text
     assert_no_table_scan(text)
 
 
-async def test_next_due_and_reaper_use_indexes(service: QueueService, tmp_path: Path) -> None:
+async def test_due_lookup_and_reaper_use_indexes(service: QueueService, tmp_path: Path) -> None:
     now = service.clock.now()
-    queries = await captured(service, lambda: service.storage.next_due(["a", "b"], now))
+    queries = await captured(service, lambda: service.storage.earliest("a"))
     queries += await captured(service, lambda: service.storage.expired_leases(now, 100))
     texts = [plan(tmp_path / "bgjobs.db", s, p) for s, p in queries]
     assert "ix_jobs_ready" in texts[0] and "ix_jobs_lease_expiry" in texts[1], texts

@@ -24,8 +24,8 @@ from app.queue.models import (
     Retrying,
     SucceededJob,
 )
+from app.queue.ports import HistoryQuery, LeasePosition, PendingQuery, Storage
 from app.storage import open_storage
-from app.storage.base import HistoryQuery, LeasePosition, PendingQuery, Storage
 from app.storage.migrate import head_revision
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -201,7 +201,7 @@ async def test_every_timestamp_keeps_microseconds_and_comes_back_in_utc(storage:
     fetched = await storage.get(job.id, expires)
     assert isinstance(fetched, Job) and fetched.available_at == retry_time
     assert_utc(fetched.available_at)
-    assert await storage.next_due(["email"], expires) == retry_time
+    assert await storage.earliest("email") == retry_time
 
     done = await storage.ack(job.id, lease.id, acked)
     assert done is not None and done.succeeded_at == acked
@@ -383,33 +383,31 @@ async def test_concurrent_reserves_never_hand_out_a_job_twice(storage: Storage) 
     assert len(reserved) == 100 and all(job.attempts == 1 for job in reserved)
 
 
-# -- next_due -----------------------------------------------------------------------------
+# -- earliest -----------------------------------------------------------------------------
 
 
-async def test_next_due_is_none_without_future_jobs(storage: Storage) -> None:
-    assert await storage.next_due(["email"], T0) is None
-    await put(storage, new_job(available_at=at(-5)))
-    await put(storage, new_job(available_at=at(0)))
+async def test_earliest_is_none_without_unreserved_jobs_of_the_name(storage: Storage) -> None:
+    assert await storage.earliest("email") is None
     await put(storage, new_job("sms", available_at=at(5)))
-    assert await storage.next_due(["email"], T0) is None
+    job = await put(storage, new_job(available_at=at(-5)))
+    await lease_of(storage, job.id, T0)
+    assert await storage.earliest("email") is None
 
 
-async def test_next_due_is_the_earliest_future_unreserved_job_of_the_names(
+async def test_earliest_is_the_earliest_unreserved_job_of_the_name_ready_or_not(
     storage: Storage,
 ) -> None:
     early = await put(storage, new_job(available_at=at(2)))
     await put(storage, new_job(available_at=at(9, 5)))
     await put(storage, new_job(available_at=at(7, 5)))
     await put(storage, new_job("sms", available_at=at(4, 321)))
-    await put(storage, new_job("push", available_at=at(1)))
-    assert await storage.next_due(["email"], T0) == at(2)
-    assert await storage.next_due(["email", "sms"], T0) == at(2)
-    assert await storage.next_due(["sms", "email"], at(2)) == at(4, 321)
-    assert await storage.next_due(["sms"], T0) == at(4, 321)
-    # Once the earliest job is reserved, it no longer counts, even looking back in time.
+    await put(storage, new_job("push", available_at=at(-1)))
+    assert await storage.earliest("email") == at(2)
+    assert await storage.earliest("sms") == at(4, 321)
+    assert await storage.earliest("push") == at(-1)  # ready now counts too: a poll takes it
+    # Once the earliest job is reserved, it no longer counts.
     await lease_of(storage, early.id, at(2))
-    assert await storage.next_due(["email"], T0) == at(7, 5)
-    assert await storage.next_due(["email", "sms"], T0) == at(4, 321)
+    assert await storage.earliest("email") == at(7, 5)
 
 
 # -- ack ----------------------------------------------------------------------------------
@@ -481,7 +479,7 @@ async def test_fail_with_a_retry_time_puts_the_job_back_pending(storage: Storage
     )
     assert await storage.expired_leases(at(1000), 10) == []
     assert await reserve(storage, now=at(60, 4)) == []
-    assert await storage.next_due(["email"], at(2)) == at(60, 5)
+    assert await storage.earliest("email") == at(60, 5)
 
 
 async def test_a_late_ack_with_the_kept_lease_still_succeeds_after_a_retry(

@@ -12,9 +12,18 @@ class QueueError(Exception):
 class NotFound(QueueError):
     """The job or lease does not exist (or never did)."""
 
+    code = "not_found"
+
 
 class Conflict(QueueError):
-    """The request is valid but the job's current state forbids it."""
+    """The request is valid but the job's current state forbids it. A refused change to a
+    lease says why in `code`; when that lease itself finished the job, `job` is the
+    finished job, so a retried ack or fail can tell "done" from "lost"."""
+
+    def __init__(self, detail: str, code: str = "conflict", job: object | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.job = job
 
 
 class InvalidCursor(QueueError):

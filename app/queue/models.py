@@ -149,3 +149,13 @@ class Enqueued:
     job: AnyJob | None
     created: bool
     same_request: bool = True
+
+
+@dataclass(slots=True, frozen=True)
+class EnqueuedBatch:
+    """What a batch enqueue under an idempotency key did: created the jobs, or found the
+    key's earlier use (each job in its current state, None where deleted since)."""
+
+    jobs: list[AnyJob | None]
+    created: bool
+    same_request: bool = True

@@ -33,6 +33,7 @@ from app.queue.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    QueueError,
     StorageUnavailable,
 )
 from app.queue.models import (
@@ -50,7 +51,7 @@ from app.queue.models import (
     parse_lease_id,
 )
 from app.queue.notifier import Notifier, Waiter
-from app.storage.base import HistoryQuery, PendingQuery, Storage
+from app.queue.ports import FailItem, HistoryQuery, PendingQuery, Storage
 
 log = logging.getLogger("bgjobs.queue")
 
@@ -60,14 +61,16 @@ class Limits:
     max_payload_bytes: int = 1024 * 1024
     retry_base_ms: int = 1000
     retry_max_ms: int = 3_600_000
-    poll_recheck_ms: int = 1000
+    poll_recheck_ms: int = 5000
     max_waiting_polls: int = 1000
+    max_response_bytes: int = 8 * 1024 * 1024
     retain_succeeded_hours: int = 7 * 24  # 0: keep forever
     retain_failed_hours: int = 30 * 24
     idempotency_window_hours: int = 24
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,6 +89,17 @@ def _page(items: list[T], limit: int, key: Callable[[T], str]) -> Page[T]:
     return Page(items, key(items[-1]))
 
 
+@dataclass(slots=True, frozen=True)
+class JobSpec:
+    """One job as a producer asked for it (bg_jobs' JobEnqueueRequest)."""
+
+    name: str
+    payload: str
+    max_retries: int
+    available_at: datetime | None = None
+    available_in_ms: int | None = None
+
+
 def new_job_id() -> str:
     """Time-ordered (48-bit milliseconds, then 80 random bits) so inserts land together."""
     return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
@@ -101,6 +115,12 @@ async def repeat(interval_s: float, task: Callable[[], Awaitable[object]], what:
             log.warning("%s failed: %s", what, exc.detail)
         except Exception:
             log.exception("%s failed", what)
+
+
+def _or_raise(result: R | QueueError) -> R:
+    if isinstance(result, QueueError):
+        raise result
+    return result
 
 
 def could_exist(some_id: str) -> bool:
@@ -141,45 +161,96 @@ class QueueService:
         Returns the job and whether this call created it: with an idempotency key seen
         within the window, the first request's job comes back instead of a new one.
         """
-        size = len(payload.encode())
-        if size > self.limits.max_payload_bytes:
-            raise PayloadTooLarge(
-                f"payload is {size} bytes of UTF-8; the limit is "
-                f"{self.limits.max_payload_bytes} bytes"
-            )
+        spec = JobSpec(name, payload, max_retries, available_at, available_in_ms)
+        self._check_size(spec.payload, "payload")
         now = self.clock.now()
-        at = available_at or now + timedelta(milliseconds=available_in_ms or 0)
-        new = NewJob(new_job_id(), name, payload, max_retries, now, at)
+        new = self._new_job(spec, now)
         if idempotency_key is None:
             job = await self.storage.enqueue(new, now)
         else:
-            request = [
-                name,
-                payload,
-                available_at and available_at.isoformat(),
-                available_in_ms,
-                max_retries,
-            ]
-            key = IdempotencyKey(
-                idempotency_key,
-                hashlib.sha256(json.dumps(request).encode()).hexdigest(),
-                now - timedelta(hours=self.limits.idempotency_window_hours),
-            )
+            key = self._key(idempotency_key, [spec], now)
             done = await self.storage.enqueue_once(new, now, key)
             if not done.created:
                 return self._replayed(done, idempotency_key), False
             assert isinstance(done.job, Job)
             job = done.job
-        self._announce(name, at, now)
+        self._announce(job.name, job.available_at, now)
         return job, True
+
+    async def enqueue_batch(
+        self, specs: Sequence[JobSpec], idempotency_key: str | None = None
+    ) -> tuple[list[AnyJob | None], bool]:
+        """All of them in one transaction, or none. With an idempotency key seen within the
+        window, the first batch's jobs come back in their current state (None if deleted)."""
+        for index, spec in enumerate(specs):
+            self._check_size(spec.payload, f"jobs.{index}.payload")
+        now = self.clock.now()
+        news = [self._new_job(spec, now) for spec in specs]
+        if idempotency_key is None:
+            jobs: list[AnyJob | None] = list(await self.storage.enqueue_many(news, now))
+        else:
+            key = self._key(idempotency_key, specs, now)
+            done = await self.storage.enqueue_many_once(news, now, key)
+            if not done.same_request:
+                raise self._reused(idempotency_key)
+            if not done.created:
+                return done.jobs, False
+            jobs = done.jobs
+        self._announce_all(news, now)
+        return jobs, True
+
+    def _check_size(self, payload: str, where: str) -> None:
+        size = len(payload.encode())
+        if size > self.limits.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"{where} is {size} bytes of UTF-8; the limit is "
+                f"{self.limits.max_payload_bytes} bytes"
+            )
+
+    @staticmethod
+    def _new_job(spec: JobSpec, now: datetime) -> NewJob:
+        at = spec.available_at or now + timedelta(milliseconds=spec.available_in_ms or 0)
+        return NewJob(new_job_id(), spec.name, spec.payload, spec.max_retries, now, at)
+
+    def _key(self, key: str, specs: Sequence[JobSpec], now: datetime) -> IdempotencyKey:
+        """The key, a fingerprint of the request it was first used for, and its window."""
+        request = [
+            [s.name, s.payload, s.available_at and s.available_at.isoformat(),
+             s.available_in_ms, s.max_retries]
+            for s in specs
+        ]  # fmt: skip
+        body = json.dumps(request[0] if len(request) == 1 else request)
+        return IdempotencyKey(
+            key,
+            hashlib.sha256(body.encode()).hexdigest(),
+            now - timedelta(hours=self.limits.idempotency_window_hours),
+        )
+
+    def _announce_all(self, jobs: Sequence[NewJob], now: datetime) -> None:
+        """Per name: wake one waiter per ready job, and a timer at the earliest later one."""
+        ready: dict[str, int] = {}
+        later: dict[str, datetime] = {}
+        for job in jobs:
+            if job.available_at <= now:
+                ready[job.name] = ready.get(job.name, 0) + 1
+            elif job.name not in later or job.available_at < later[job.name]:
+                later[job.name] = job.available_at
+        for name, count in ready.items():
+            self.notifier.notify(name, count)
+        for name, due in later.items():
+            self.notifier.notify_at(name, due)
+
+    @staticmethod
+    def _reused(key: str) -> IdempotencyKeyReused:
+        return IdempotencyKeyReused(
+            f"Idempotency-Key {key!r} was already used for a different request; "
+            "use a new key for a new job"
+        )
 
     @staticmethod
     def _replayed(done: Enqueued, key: str) -> AnyJob:
         if not done.same_request:
-            raise IdempotencyKeyReused(
-                f"Idempotency-Key {key!r} was already used for a different request; "
-                "use a new key for a new job"
-            )
+            raise QueueService._reused(key)
         if done.job is None:
             raise Conflict(
                 f"the job first enqueued with Idempotency-Key {key!r} has since been deleted"
@@ -209,17 +280,25 @@ class QueueService:
     ) -> list[Lease]:
         """Reserve now, or wait up to `wait_ms` for a job to be enqueued or come due.
 
+        A waiting poll touches the database only when woken: while the notifier knows
+        that none of its names has a ready job, it does not look at all (see notifier).
         `gone` tells whether the client has hung up: jobs reserved for a client that left
         are given back at once instead of waiting for their lease to expire.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
-        with self.notifier.waiter(names) as waiter:
+        names = tuple(dict.fromkeys(names))
+        notifier = self.notifier
+        with notifier.waiter(names) as waiter:
+            woken = False
             while True:
+                chained = waiter.chained
                 waiter.arm()
-                now = self.clock.now()
-                expires = now + timedelta(milliseconds=lease_ms)
-                leases = await self.storage.reserve(names, worker_id, max_jobs, now, expires)
+                leases: list[Lease] = []
+                if woken or notifier.may_be_ready(names):
+                    leases = await self._reserve(names, worker_id, max_jobs, lease_ms)
+                    if leases and chained:  # woken without a count: there may be more
+                        notifier.chain(dict.fromkeys(lease.job.name for lease in leases))
                 # Only a poll that has waited can have lost its client in the meantime.
                 if waiter.admitted and gone is not None and await gone():
                     await self._give_back(leases)
@@ -227,11 +306,25 @@ class QueueService:
                 remaining = deadline - loop.time()
                 if leases or remaining <= 0 or self.stopping:
                     return leases
-                await self._wait(waiter, await self._nap(names, remaining))
+                notifier.parked(waiter)
+                woken = await self._wait(waiter, remaining)
 
-    async def _wait(self, waiter: Waiter, seconds: float) -> None:
-        """Sleep in a long poll. Waiters are bounded: past the cap a new poll is refused,
-        while one already admitted keeps its place."""
+    async def _reserve(
+        self, names: tuple[str, ...], worker_id: str, max_jobs: int, lease_ms: int
+    ) -> list[Lease]:
+        marks = self.notifier.marks(names)
+        now = self.clock.now()
+        expires = now + timedelta(milliseconds=lease_ms)
+        leases = await self.storage.reserve(
+            names, worker_id, max_jobs, now, expires, self.limits.max_response_bytes
+        )
+        if not leases:
+            self.notifier.found_empty(names, marks)
+        return leases
+
+    async def _wait(self, waiter: Waiter, seconds: float) -> bool:
+        """Sleep in a long poll; True if woken. Waiters are bounded: past the cap a new poll
+        is refused, while one already admitted keeps its place."""
         if not waiter.admitted and self._waiting >= self.limits.max_waiting_polls:
             raise Overloaded(
                 f"{self._waiting} long polls are already waiting (the limit); retry shortly"
@@ -239,7 +332,7 @@ class QueueService:
         waiter.admitted = True
         self._waiting += 1
         try:
-            await waiter.wait(seconds)
+            return await waiter.wait(seconds)
         finally:
             self._waiting -= 1
 
@@ -254,33 +347,45 @@ class QueueService:
         self.stopping = True
         self.notifier.wake_all()
 
-    async def _nap(self, names: Sequence[str], remaining: float) -> float:
-        """How long a long-poll may sleep: until its deadline, the next job of its names
-        comes due, or the periodic re-check, whichever is first."""
-        nap = min(remaining, self.limits.poll_recheck_ms / 1000)
-        now = self.clock.now()
-        due = await self.storage.next_due(names, now)
-        if due is not None:
-            nap = min(nap, max(0.0, (due - now).total_seconds()))
-        return nap
-
     async def ack(self, lease_id: str) -> SucceededJob:
-        job_id = self._job_of(lease_id)
-        done = await self.storage.ack(job_id, lease_id, self.clock.now())
-        if done is None:
-            raise await self._refusal(lease_id, job_id, "ack")
-        return done
+        return _or_raise((await self.ack_many([lease_id]))[0])
+
+    async def ack_many(self, lease_ids: Sequence[str]) -> list[SucceededJob | QueueError]:
+        """Each item by the single-ack rules, all in one transaction: the job or why not."""
+        parsed = self._parse(lease_ids)
+        held = [(job_id, lease_id) for lease_id, job_id in parsed if job_id is not None]
+        done = iter(await self.storage.ack_many(held, self.clock.now()) if held else [])
+        return [
+            await self._result(lease_id, job_id, "ack", None if job_id is None else next(done))
+            for lease_id, job_id in parsed
+        ]
 
     async def fail(self, lease_id: str, exception: str, retry_in_ms: int | None) -> FailOutcome:
-        job_id = self._job_of(lease_id)
-        now = self.clock.now()
-        outcome = await self.storage.fail(
-            job_id, lease_id, now, exception, self._retry_decision(now, retry_in_ms)
-        )
-        if outcome is None:
-            raise await self._refusal(lease_id, job_id, "fail")
-        self._after_fail(outcome, now)
+        outcome = (await self.fail_many([(lease_id, exception, retry_in_ms)]))[0]
+        if isinstance(outcome, QueueError):
+            raise outcome
         return outcome
+
+    async def fail_many(
+        self, items: Sequence[tuple[str, str, int | None]]
+    ) -> list[FailOutcome | QueueError]:
+        """(lease id, exception, retry_in_ms) each by the single-fail rules, in one
+        transaction: the outcome or why not."""
+        now = self.clock.now()
+        parsed = self._parse([lease_id for lease_id, _, _ in items])
+        held = [
+            FailItem(job_id, lease_id, exception, self._retry_decision(now, retry_in_ms))
+            for (lease_id, job_id), (_, exception, retry_in_ms) in zip(parsed, items, strict=True)
+            if job_id is not None
+        ]
+        done = iter(await self.storage.fail_many(held, now) if held else [])
+        results: list[FailOutcome | QueueError] = []
+        for lease_id, job_id in parsed:
+            outcome = None if job_id is None else next(done)
+            if outcome is not None:
+                self._after_fail(outcome, now)
+            results.append(await self._result(lease_id, job_id, "fail", outcome))
+        return results
 
     def _retry_decision(
         self, now: datetime, retry_in_ms: int | None
@@ -304,11 +409,22 @@ class QueueService:
 
     async def extend(self, lease_id: str, lease_ms: int) -> datetime:
         """A heartbeat: the lease now ends `lease_ms` from now."""
-        job_id = self._job_of(lease_id)
+        return _or_raise((await self.extend_many([lease_id], lease_ms))[0])
+
+    async def extend_many(
+        self, lease_ids: Sequence[str], lease_ms: int
+    ) -> list[datetime | QueueError]:
+        """Heartbeats for a worker holding many leases: each ends `lease_ms` from now."""
         expires = self.clock.now() + timedelta(milliseconds=lease_ms)
-        if not await self.storage.extend(job_id, lease_id, expires):
-            raise await self._refusal(lease_id, job_id, "extend")
-        return expires
+        parsed = self._parse(lease_ids)
+        held = [(job_id, lease_id) for lease_id, job_id in parsed if job_id is not None]
+        done = iter(await self.storage.extend_many(held, expires) if held else [])
+        return [
+            await self._result(
+                lease_id, job_id, "extend", expires if job_id is not None and next(done) else None
+            )
+            for lease_id, job_id in parsed
+        ]
 
     async def release(self, lease_id: str) -> Job:
         """Give a job back untouched, for a worker shutting down gracefully."""
@@ -375,26 +491,51 @@ class QueueService:
             raise NotFound(f"lease {lease_id!r} not found")
         return parsed[0]
 
-    async def _refusal(self, lease_id: str, job_id: str, action: str) -> Exception:
-        """Why a change under `lease_id` was refused: never issued (404) or stale (409)."""
+    @staticmethod
+    def _parse(lease_ids: Sequence[str]) -> list[tuple[str, str | None]]:
+        """Each lease id with its job id, None for an id the server cannot have issued."""
+        parsed = []
+        for lease_id in lease_ids:
+            found = parse_lease_id(lease_id) if could_exist(lease_id) else None
+            parsed.append((lease_id, None if found is None else found[0]))
+        return parsed
+
+    async def _result(
+        self, lease_id: str, job_id: str | None, action: str, done: R | None
+    ) -> R | QueueError:
+        if done is not None:
+            return done
+        if job_id is None:
+            return NotFound(f"lease {lease_id!r} not found")
+        return await self._refusal(lease_id, job_id, action)
+
+    async def _refusal(self, lease_id: str, job_id: str, action: str) -> QueueError:
+        """Why a change under `lease_id` was refused: never issued (404) or stale (409,
+        with a `code` a client can act on)."""
         parsed = parse_lease_id(lease_id)
         seq = parsed[1] if parsed else 0
         where = await self.storage.lease_position(job_id)
         if where is None or seq > where.lease_seq:
             return NotFound(f"lease {lease_id!r} not found")
+        cannot = f"cannot {action} lease {lease_id!r}"
         if where.table != "pending":
+            if seq == where.lease_seq:
+                finished = await self.storage.get(job_id, self.clock.now())
+                return Conflict(
+                    f"{cannot}: job {job_id} has already {where.table}, under this lease",
+                    "finished_by_this_lease",
+                    finished,
+                )
             return Conflict(
-                f"cannot {action} lease {lease_id!r}: job {job_id} has already {where.table}"
+                f"{cannot}: job {job_id} has already {where.table}, under a later lease",
+                "finished_by_another_lease",
             )
         if seq < where.lease_seq:
-            return Conflict(
-                f"cannot {action} lease {lease_id!r}: job {job_id} has been leased again since"
-            )
+            return Conflict(f"{cannot}: job {job_id} has been leased again since", "leased_again")
         if where.lease_id is None:
-            return Conflict(f"cannot {action} lease {lease_id!r}: it was released")
+            return Conflict(f"{cannot}: it was released", "released")
         return Conflict(
-            f"cannot {action} lease {lease_id!r}: it expired and job {job_id} was put back "
-            "in the queue"
+            f"{cannot}: it expired and job {job_id} was put back in the queue", "expired"
         )
 
     # -- dashboards and administration --------------------------------------------------

@@ -1,10 +1,10 @@
 """Storage backends behind one interface; the database URL picks one."""
 
-from app.storage.base import Storage
+from app.queue.ports import Storage
 from app.storage.migrate import head_revision
 
 
-def open_storage(url: str, *, sqlite_synchronous: str = "NORMAL", pool_size: int = 10) -> Storage:
+def open_storage(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 10) -> Storage:
     """The backend for a (normalized) SQLAlchemy database URL."""
     if url.startswith("sqlite+aiosqlite:"):
         from app.storage.sqlite import SqliteStorage

@@ -1,33 +1,23 @@
-"""Operations both SQL backends share, in SQLAlchemy's dialect-neutral expression language.
-
-A backend subclass supplies its engine set-up, how a write transaction begins, and its
-reserve statement (the one place where SQLite and PostgreSQL differ in substance).
+"""What both SQL backends share: the read side (SQLAlchemy Core, off the hot path), the
+row-to-model conversions, and the write methods of the port, which all go through one
+group-commit writer (`writer.py`) to the backend's own hand-written statements.
 """
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from sqlalchemy import (
-    Executable,
-    RowMapping,
-    Select,
-    delete,
-    insert,
-    select,
-    tuple_,
-    union_all,
-    update,
-)
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy import RowMapping, Select, select, tuple_
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.queue.errors import StorageUnavailable
 from app.queue.models import (
     AnyJob,
-    Buried,
     Enqueued,
+    EnqueuedBatch,
     ExpiredLease,
     FailedJob,
     FailOutcome,
@@ -36,113 +26,92 @@ from app.queue.models import (
     Lease,
     NewJob,
     RetryDecision,
-    Retrying,
     SucceededJob,
     pending_state,
 )
+from app.queue.ports import (
+    CancelResult,
+    FailItem,
+    HistoryQuery,
+    LeasePosition,
+    PendingQuery,
+    PruneKind,
+)
 from app.storage import migrate
-from app.storage.base import CancelResult, HistoryQuery, LeasePosition, PendingQuery
-from app.storage.tables import FailedJobRow, IdempotencyKeyRow, JobRow, SucceededJobRow
+from app.storage.tables import FailedJobRow, JobRow, SucceededJobRow
+from app.storage.writer import Op, Writer
 
 jobs = JobRow.__table__  # type: ignore[attr-defined]
 succeeded = SucceededJobRow.__table__  # type: ignore[attr-defined]
 failed = FailedJobRow.__table__  # type: ignore[attr-defined]
-keys = IdempotencyKeyRow.__table__  # type: ignore[attr-defined]
 
-_JOB_FIELDS = (
-    "id",
-    "name",
-    "payload",
-    "attempts",
-    "max_retries",
-    "created_at",
-    "available_at",
-    "reserved_at",
-    "reserved_by",
+# Column lists of the hand-written statements, in the order the builders below read them.
+JOB_COLUMNS = (
+    "id, name, payload, attempts, max_retries, created_at, available_at, reserved_at, reserved_by"
 )
-_SUCCEEDED_FIELDS = (
-    "id",
-    "name",
-    "payload",
-    "attempts",
-    "created_at",
-    "available_at",
-    "succeeded_at",
-)
-_FAILED_FIELDS = (
-    "id",
-    "name",
-    "payload",
-    "attempts",
-    "exception",
-    "created_at",
-    "available_at",
-    "failed_at",
-)
+SUCCEEDED_COLUMNS = "id, name, payload, attempts, created_at, available_at, succeeded_at"
+FAILED_COLUMNS = "id, name, payload, attempts, exception, created_at, available_at, failed_at"
+
+# The tables a prune kind deletes from: (table, key column, time column).
+PRUNED: dict[str, tuple[str, str, str]] = {
+    "succeeded": ("succeeded_jobs", "id", "succeeded_at"),
+    "failed": ("failed_jobs", "id", "failed_at"),
+    "idempotency_keys": ("idempotency_keys", "key", "created_at"),
+    "batch_keys": ("batch_idempotency_keys", "key", "created_at"),
+}
 
 
-def job_from(row: Mapping[Any, Any], now: datetime) -> Job:
-    fields = {f: row[f] for f in _JOB_FIELDS}
-    return Job(**fields, state=pending_state(row["available_at"], row["reserved_at"], now))
+def job_from(row: Sequence[Any], now: datetime) -> Job:
+    """A Job from the JOB_COLUMNS of a row (times already converted)."""
+    id_, name, payload, attempts, max_retries, created, available, reserved, by = row[:9]
+    state = pending_state(available, reserved, now)
+    return Job(id_, name, payload, attempts, max_retries, created, available, reserved, by, state)
 
 
-def succeeded_from(row: Mapping[Any, Any]) -> SucceededJob:
-    return SucceededJob(**{f: row[f] for f in _SUCCEEDED_FIELDS})
+def new_job(job: NewJob, now: datetime) -> Job:
+    """The row an insert of `job` makes, without reading it back."""
+    state = pending_state(job.available_at, None, now)
+    return Job(
+        job.id, job.name, job.payload, 0, job.max_retries, job.created_at, job.available_at,
+        None, None, state,
+    )  # fmt: skip
 
 
-def failed_from(row: Mapping[Any, Any]) -> FailedJob:
-    return FailedJob(**{f: row[f] for f in _FAILED_FIELDS})
+def leases_from(rows: Sequence[Sequence[Any]], expires_at: datetime) -> list[Lease]:
+    """Leases from reserve's RETURNING rows (JOB_COLUMNS then lease_id). RETURNING order is
+    unspecified: hand leases out oldest first, as they were picked."""
+    ordered = sorted(rows, key=lambda row: (row[6], row[0]))
+    return [Lease(row[9], expires_at, job_from(row, expires_at)) for row in ordered]
 
 
-async def first(conn: AsyncConnection, stmt: Executable) -> RowMapping | None:
-    """The first row of a statement as a mapping, or None."""
-    return (await conn.execute(stmt)).mappings().first()
+def pairs(job_ids: Sequence[str], found: Sequence[AnyJob | None]) -> list[AnyJob | None]:
+    """Jobs in the order of `job_ids` (None where gone)."""
+    by_id = {job.id: job for job in found if job is not None}
+    return [by_id.get(job_id) for job_id in job_ids]
 
 
-def per_name(names: Sequence[str], build: Callable[[str], Select[Any]]) -> Any:
-    """One index range per job name, glued with UNION ALL.
-
-    A single `name IN (...) ORDER BY available_at` would have to sort every ready job of
-    those names; one bounded range scan per name keeps the cost independent of the backlog.
-    """
-    parts = [select(build(name).subquery()) for name in dict.fromkeys(names)]  # each name once
-    return (parts[0] if len(parts) == 1 else union_all(*parts)).subquery()
-
-
-def lease_update(picked: Any, worker_id: str, now: datetime, expires_at: datetime) -> Any:
-    """The UPDATE that turns the picked rows into leases: one more attempt, the worker, the
-    next lease number and the lease id `{job id}.{n}` built from it, all in one statement.
-    `reserved_at IS NULL` is checked again on every row it changes."""
-    next_seq = jobs.c.lease_seq + 1
-    return (
-        update(jobs)
-        .where(jobs.c.id.in_(picked), jobs.c.reserved_at.is_(None))
-        .values(
-            attempts=jobs.c.attempts + 1,
-            reserved_at=now,
-            reserved_by=worker_id,
-            lease_seq=next_seq,
-            lease_id=jobs.c.id + "." + next_seq.cast(jobs.c.lease_id.type),
-            lease_expires_at=expires_at,
-        )
-        .returning(*jobs.c)
-    )
-
-
-def leases_from(rows: Sequence[RowMapping], expires_at: datetime, now: datetime) -> list[Lease]:
-    """RETURNING order is unspecified: hand leases out oldest first, as they were picked."""
-    ordered = sorted(rows, key=lambda row: (row["available_at"], row["id"]))
-    return [Lease(row["lease_id"], expires_at, job_from(row, now)) for row in ordered]
+def is_outage(exc: BaseException) -> bool:
+    """Only a lost or refused connection or an operational failure is an outage (503); a
+    programming or data error is a bug (500) and must not look like one."""
+    if isinstance(exc, OSError | TimeoutError | OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 class SqlStorage:
-    """The shared SQL implementation of the Storage protocol."""
+    """The shared part of both SQL backends; subclasses supply `_apply` (one group of writes
+    in one transaction) and the `reserve` picking rules live in their statements."""
 
     engine: AsyncEngine
+    _writer: Writer
     _write_failure: str | None = None  # why the last write failed, until one succeeds
 
+    @property
+    def writes(self) -> Counter[str]:
+        return self._writer.writes
+
     async def migrate(self) -> None:
-        async with self._write() as conn:
+        async with self._read() as conn, conn.begin():
             await conn.run_sync(migrate.upgrade)
 
     async def schema_revision(self) -> str | None:
@@ -150,6 +119,7 @@ class SqlStorage:
             return await conn.run_sync(migrate.current_revision)
 
     async def close(self) -> None:
+        await self._writer.close()
         await self.engine.dispose()
 
     async def ping(self) -> None:
@@ -157,123 +127,73 @@ class SqlStorage:
         async with self._read() as conn:
             await conn.execute(select(1))
         if self._write_failure is not None:
-            async with self._write() as conn:
-                await self._probe_write(conn)
-
-    async def _probe_write(self, conn: AsyncConnection) -> None:
-        """A write that really reaches the database, for readiness after a failed write."""
-        raise NotImplementedError
+            await self._writer.submit("probe", None)
 
     async def listen(
         self, on_ready: Callable[[str, datetime], None], on_gap: Callable[[], None]
     ) -> None:
         """One process, one notifier: nothing to listen to (PostgreSQL overrides this)."""
 
-    async def _announce(self, conn: AsyncConnection, name: str, available_at: datetime) -> None:
-        """Tell other replicas that a job of `name` is ready at `available_at`."""
+    # -- the writer ---------------------------------------------------------------------
 
-    # -- transactions -------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def _guard(self, writing: bool = False) -> AsyncIterator[None]:
-        """Turn driver errors into the one domain error callers can act on, and remember
-        whether the last write failed (readiness then needs a successful write)."""
+    async def _apply(self, group: list[Op]) -> list[Any]:
+        """Remember whether the last write failed: readiness then needs a write to pass."""
         try:
-            yield
-            if writing:
-                self._write_failure = None
-        except IntegrityError:
-            raise  # a race on a unique key: the caller decides
-        except (DBAPIError, OSError) as exc:
-            detail = f"database unavailable: {getattr(exc, 'orig', None) or exc}"
-            if writing:
-                self._write_failure = detail
-            raise StorageUnavailable(detail) from exc
+            results = await self._apply_group(group)
+        except StorageUnavailable as exc:
+            self._write_failure = exc.detail
+            raise
+        self._write_failure = None
+        return results
 
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        async with self._guard(), self.engine.connect() as conn:
-            yield conn
+    async def _apply_group(self, group: list[Op]) -> list[Any]:
+        raise NotImplementedError
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """One write transaction; backends may serialize writers here."""
-        async with self._guard(writing=True), self.engine.begin() as conn:
-            yield conn
-
-    # -- hot path -----------------------------------------------------------------------
+    def _is_outage(self, exc: BaseException) -> bool:
+        return is_outage(exc)
 
     async def enqueue(self, job: NewJob, now: datetime) -> Job:
-        async with self._write() as conn:
-            return await self._insert_job(conn, job, now)
+        result: Job = await self._writer.submit("enqueue", (job, now))
+        return result
 
     async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
-        """Claim the key and enqueue in one transaction, or report the key's earlier use.
+        result: Enqueued = await self._writer.submit("enqueue_once", (job, now, key))
+        return result
 
-        Two requests racing with one key on PostgreSQL: the loser's insert of the key hits
-        the primary key, its transaction rolls back, and its second try finds the winner's.
-        """
-        for attempt in range(2):
-            try:
-                async with self._write() as conn:
-                    used = await first(
-                        conn, select(keys).where(keys.c.key == key.key).with_for_update()
-                    )
-                    if used is not None and used["created_at"] >= key.not_before:
-                        return Enqueued(
-                            await self._get(conn, used["job_id"], now),
-                            created=False,
-                            same_request=used["fingerprint"] == key.fingerprint,
-                        )
-                    if used is not None:  # expired: the key starts afresh
-                        await conn.execute(delete(keys).where(keys.c.key == key.key))
-                    claim = {"key": key.key, "fingerprint": key.fingerprint, "job_id": job.id}
-                    await conn.execute(insert(keys), {**claim, "created_at": now})
-                    return Enqueued(await self._insert_job(conn, job, now), created=True)
-            except IntegrityError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+    async def enqueue_many(self, jobs: Sequence[NewJob], now: datetime) -> list[Job]:
+        result: list[Job] = await self._writer.submit("enqueue_many", (list(jobs), now))
+        return result
 
-    async def _insert_job(self, conn: AsyncConnection, job: NewJob, now: datetime) -> Job:
-        values = {
-            "id": job.id,
-            "name": job.name,
-            "payload": job.payload,
-            "attempts": 0,
-            "max_retries": job.max_retries,
-            "created_at": job.created_at,
-            "available_at": job.available_at,
-            "lease_seq": 0,
-        }
-        await conn.execute(insert(jobs), values)
-        await self._announce(conn, job.name, job.available_at)
-        return job_from({**values, "reserved_at": None, "reserved_by": None}, now)
+    async def enqueue_many_once(
+        self, jobs: Sequence[NewJob], now: datetime, key: IdempotencyKey
+    ) -> EnqueuedBatch:
+        result: EnqueuedBatch = await self._writer.submit(
+            "enqueue_many_once", (list(jobs), now, key)
+        )
+        return result
 
-    async def next_due(self, names: Sequence[str], now: datetime) -> datetime | None:
-        def soonest(name: str) -> Select[Any]:
-            return (
-                select(jobs.c.available_at)
-                .where(jobs.c.name == name, jobs.c.reserved_at.is_(None), jobs.c.available_at > now)
-                .order_by(jobs.c.available_at)
-                .limit(1)
-            )
-
-        due = per_name(names, soonest)
-        async with self._read() as conn:
-            times = (await conn.execute(select(due.c.available_at))).scalars().all()
-        return min(times, default=None)
+    async def reserve(
+        self,
+        names: Sequence[str],
+        worker_id: str,
+        max_jobs: int,
+        now: datetime,
+        expires_at: datetime,
+        max_bytes: int | None = None,
+    ) -> list[Lease]:
+        arg = (tuple(dict.fromkeys(names)), worker_id, max_jobs, now, expires_at, max_bytes)
+        result: list[Lease] = await self._writer.submit("reserve", arg)
+        return result
 
     async def ack(self, job_id: str, lease_id: str, now: datetime) -> SucceededJob | None:
-        async with self._write() as conn:
-            taken = delete(jobs).where(jobs.c.id == job_id, jobs.c.lease_id == lease_id)
-            row = await first(conn, taken.returning(*jobs.c))
-            if row is None:
-                return None
-            values = {f: row[f] for f in _SUCCEEDED_FIELDS if f != "succeeded_at"}
-            values.update(succeeded_at=now, lease_seq=row["lease_seq"])
-            await conn.execute(insert(succeeded), values)
-        return succeeded_from(values)
+        result: SucceededJob | None = await self._writer.submit("ack", (job_id, lease_id, now))
+        return result
+
+    async def ack_many(
+        self, items: Sequence[tuple[str, str]], now: datetime
+    ) -> list[SucceededJob | None]:
+        args = [(job_id, lease_id, now) for job_id, lease_id in items]
+        return await self._writer.submit_many("ack", args)
 
     async def fail(
         self,
@@ -284,85 +204,65 @@ class SqlStorage:
         decide: RetryDecision,
         expired_before: datetime | None = None,
     ) -> FailOutcome | None:
-        held = [jobs.c.id == job_id, jobs.c.lease_id == lease_id]
-        if expired_before is not None:
-            held += [jobs.c.reserved_at.is_not(None), jobs.c.lease_expires_at <= expired_before]
-        async with self._write() as conn:
-            row = await first(conn, select(jobs).where(*held).with_for_update())
-            if row is None:
-                return None
-            retry_at = decide(row["attempts"], row["max_retries"])
-            if retry_at is not None:
-                return Retrying(await self._requeue(conn, job_id, retry_at, now))
-            return Buried(await self._bury(conn, row, exception, now))
+        arg = (job_id, lease_id, now, exception, decide, expired_before)
+        result: FailOutcome | None = await self._writer.submit("fail", arg)
+        return result
 
-    async def _requeue(
-        self, conn: AsyncConnection, job_id: str, available_at: datetime, now: datetime
-    ) -> Job:
-        """Pending again at `available_at`; the lease id stays so a late ack still counts."""
-        stmt = (
-            update(jobs)
-            .where(jobs.c.id == job_id)
-            .values(
-                available_at=available_at, reserved_at=None, reserved_by=None, lease_expires_at=None
-            )
-            .returning(*jobs.c)
-        )
-        row = await first(conn, stmt)
-        assert row is not None  # the caller holds the row
-        await self._announce(conn, row["name"], available_at)
-        return job_from(row, now)
-
-    async def _bury(
-        self, conn: AsyncConnection, row: Mapping[Any, Any], exception: str, now: datetime
-    ) -> FailedJob:
-        await conn.execute(delete(jobs).where(jobs.c.id == row["id"]))
-        values = {f: row[f] for f in _FAILED_FIELDS if f not in ("exception", "failed_at")}
-        values.update(
-            exception=exception,
-            failed_at=now,
-            max_retries=row["max_retries"],
-            lease_seq=row["lease_seq"],
-        )
-        await conn.execute(insert(failed), values)
-        return failed_from(values)
+    async def fail_many(self, items: Sequence[FailItem], now: datetime) -> list[FailOutcome | None]:
+        args = [(i.job_id, i.lease_id, now, i.exception, i.decide, None) for i in items]
+        return await self._writer.submit_many("fail", args)
 
     async def extend(self, job_id: str, lease_id: str, expires_at: datetime) -> bool:
-        async with self._write() as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.lease_id == lease_id,
-                    jobs.c.reserved_at.is_not(None),
-                )
-                .values(lease_expires_at=expires_at)
-            )
-        return result.rowcount == 1
+        result: bool = await self._writer.submit("extend", (job_id, lease_id, expires_at))
+        return result
+
+    async def extend_many(
+        self, items: Sequence[tuple[str, str]], expires_at: datetime
+    ) -> list[bool]:
+        args = [(job_id, lease_id, expires_at) for job_id, lease_id in items]
+        return await self._writer.submit_many("extend", args)
 
     async def release(self, job_id: str, lease_id: str, now: datetime) -> Job | None:
-        stmt = (
-            update(jobs)
-            .where(
-                jobs.c.id == job_id, jobs.c.lease_id == lease_id, jobs.c.reserved_at.is_not(None)
-            )
-            .values(
-                reserved_at=None,
-                reserved_by=None,
-                lease_id=None,
-                lease_expires_at=None,
-                attempts=jobs.c.attempts - 1,
-            )
-            .returning(*jobs.c)
-        )
-        async with self._write() as conn:
-            row = await first(conn, stmt)
-            if row is None:
-                return None
-            await self._announce(conn, row["name"], row["available_at"])
-        return job_from(row, now)
+        result: Job | None = await self._writer.submit("release", (job_id, lease_id, now))
+        return result
 
-    # -- reaper and diagnosis -----------------------------------------------------------
+    async def cancel(self, job_id: str) -> CancelResult:
+        result: CancelResult = await self._writer.submit("cancel", job_id)
+        return result
+
+    async def retry_failed(self, job_id: str, now: datetime) -> Job | None:
+        result: Job | None = await self._writer.submit("retry_failed", (job_id, now))
+        return result
+
+    async def prune(self, kind: PruneKind, before: datetime, limit: int) -> int:
+        """One short transaction per batch, oldest first along the table's time index."""
+        result: int = await self._writer.submit("prune", (kind, before, limit))
+        return result
+
+    # -- reads (SQLAlchemy Core: not on the hot path) -----------------------------------
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.connect() as conn:
+                yield conn
+        except Exception as exc:
+            if self._is_outage(exc):
+                raise StorageUnavailable(
+                    f"database unavailable: {getattr(exc, 'orig', None) or exc}"
+                ) from exc
+            raise
+
+    async def earliest(self, name: str) -> datetime | None:
+        query = (
+            select(jobs.c.available_at)
+            .where(jobs.c.name == name, jobs.c.reserved_at.is_(None))
+            .order_by(jobs.c.available_at)
+            .limit(1)
+        )
+        async with self._read() as conn:
+            found: datetime | None = (await conn.execute(query)).scalar()
+        return found
 
     async def expired_leases(self, now: datetime, limit: int) -> list[ExpiredLease]:
         query = (
@@ -396,57 +296,16 @@ class SqlStorage:
                     return LeasePosition(label, seq)  # type: ignore[arg-type]
         return None
 
-    # -- reading and administration -----------------------------------------------------
-
     async def get(self, job_id: str, now: datetime) -> AnyJob | None:
         async with self._read() as conn:
-            return await self._get(conn, job_id, now)
-
-    async def _get(self, conn: AsyncConnection, job_id: str, now: datetime) -> AnyJob | None:
-        row = await first(conn, select(jobs).where(jobs.c.id == job_id))
-        if row is not None:
-            return job_from(row, now)
-        row = await first(conn, select(succeeded).where(succeeded.c.id == job_id))
-        if row is not None:
-            return succeeded_from(row)
-        row = await first(conn, select(failed).where(failed.c.id == job_id))
-        return None if row is None else failed_from(row)
-
-    async def cancel(self, job_id: str) -> CancelResult:
-        async with self._write() as conn:
-            gone = await conn.execute(
-                delete(jobs).where(jobs.c.id == job_id, jobs.c.reserved_at.is_(None))
-            )
-            if gone.rowcount:
-                return "deleted"
-            held = await conn.execute(select(jobs.c.id).where(jobs.c.id == job_id))
-            if held.first() is not None:
-                return "reserved"
-            for table in (succeeded, failed):
-                if (await conn.execute(delete(table).where(table.c.id == job_id))).rowcount:
-                    return "deleted"
-        return "missing"
-
-    async def retry_failed(self, job_id: str, now: datetime) -> Job | None:
-        async with self._write() as conn:
-            row = await first(
-                conn, delete(failed).where(failed.c.id == job_id).returning(*failed.c)
-            )
-            if row is None:
-                return None
-            values = {
-                "id": row["id"],
-                "name": row["name"],
-                "payload": row["payload"],
-                "attempts": 0,
-                "max_retries": row["max_retries"],
-                "created_at": row["created_at"],
-                "available_at": now,
-                "lease_seq": row["lease_seq"],
-            }
-            await conn.execute(insert(jobs), values)
-            await self._announce(conn, row["name"], now)
-        return job_from({**values, "reserved_at": None, "reserved_by": None}, now)
+            row = await _first(conn, select(jobs).where(jobs.c.id == job_id))
+            if row is not None:
+                return job_from([row[c] for c in JOB_COLUMNS.split(", ")], now)
+            row = await _first(conn, select(succeeded).where(succeeded.c.id == job_id))
+            if row is not None:
+                return SucceededJob(*[row[c] for c in SUCCEEDED_COLUMNS.split(", ")])
+            row = await _first(conn, select(failed).where(failed.c.id == job_id))
+        return None if row is None else FailedJob(*[row[c] for c in FAILED_COLUMNS.split(", ")])
 
     async def list_pending(self, query: PendingQuery, now: datetime) -> list[Job]:
         stmt = select(jobs).order_by(jobs.c.available_at, jobs.c.id).limit(query.limit)
@@ -462,31 +321,22 @@ class SqlStorage:
             stmt = stmt.where(tuple_(jobs.c.available_at, jobs.c.id) > query.after)
         async with self._read() as conn:
             rows = (await conn.execute(stmt)).mappings().all()
-        return [job_from(row, now) for row in rows]
-
-    async def prune(
-        self, kind: Literal["succeeded", "failed", "idempotency_keys"], before: datetime, limit: int
-    ) -> int:
-        """One short transaction per batch, oldest first along the table's time index."""
-        table, key, stamp = {
-            "succeeded": (succeeded, succeeded.c.id, succeeded.c.succeeded_at),
-            "failed": (failed, failed.c.id, failed.c.failed_at),
-            "idempotency_keys": (keys, keys.c.key, keys.c.created_at),
-        }[kind]
-        oldest = select(key).where(stamp < before).order_by(stamp).limit(limit)
-        async with self._write() as conn:
-            result = await conn.execute(delete(table).where(key.in_(oldest)))
-        return result.rowcount
+        columns = JOB_COLUMNS.split(", ")
+        return [job_from([row[c] for c in columns], now) for row in rows]
 
     async def list_succeeded(self, query: HistoryQuery) -> list[SucceededJob]:
         rows = await self._history(succeeded, succeeded.c.succeeded_at, query)
-        return [succeeded_from(row) for row in rows]
+        columns = SUCCEEDED_COLUMNS.split(", ")
+        return [SucceededJob(*[row[c] for c in columns]) for row in rows]
 
     async def list_failed(self, query: HistoryQuery) -> list[FailedJob]:
         rows = await self._history(failed, failed.c.failed_at, query)
-        return [failed_from(row) for row in rows]
+        columns = FAILED_COLUMNS.split(", ")
+        return [FailedJob(*[row[c] for c in columns]) for row in rows]
 
-    async def _history(self, table: Any, finished: Any, query: HistoryQuery) -> Sequence[Any]:
+    async def _history(
+        self, table: Any, finished: Any, query: HistoryQuery
+    ) -> Sequence[RowMapping]:
         """Newest first with a (finished_at, id) keyset: rows arriving later sort before the
         cursor, so a walk returns every older row exactly once."""
         stmt = select(table).order_by(finished.desc(), table.c.id.desc()).limit(query.limit)
@@ -496,3 +346,8 @@ class SqlStorage:
             stmt = stmt.where(tuple_(finished, table.c.id) < query.before)
         async with self._read() as conn:
             return (await conn.execute(stmt)).mappings().all()
+
+
+async def _first(conn: AsyncConnection, stmt: Select[Any]) -> RowMapping | None:
+    row: RowMapping | None = (await conn.execute(stmt)).mappings().first()
+    return row

@@ -1,34 +1,430 @@
 """PostgreSQL: the scale-out backend, for several replicas of the server on one database.
 
-Replicas never hand out the same job and never wait on each other's rows: reserve locks
-the rows it takes with FOR UPDATE SKIP LOCKED. A change that makes a job ready is
-announced with NOTIFY in its own transaction (delivered at commit), and every replica
-LISTENs on one dedicated connection, so a long poll on any replica wakes within
-milliseconds of an enqueue on another.
+Writes go through one group-commit writer per replica, on one dedicated asyncpg
+connection: a group of requests is one transaction. The hot-path statements are written
+here once and prepared once per connection by asyncpg. Replicas never hand out the same
+job and never wait on each other's rows: reserve locks the rows it takes with FOR UPDATE
+SKIP LOCKED. A group that makes jobs ready announces them with one NOTIFY per name,
+delivered at its commit, and every replica LISTENs on one dedicated connection, so a long
+poll on any replica wakes within milliseconds of an enqueue on another.
 """
 
 import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import Any, TypeAlias
 
 import asyncpg
-from sqlalchemy import Select, func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.queue.models import Lease
+from app.queue.errors import StorageUnavailable
+from app.queue.models import (
+    AnyJob,
+    Buried,
+    Enqueued,
+    EnqueuedBatch,
+    FailedJob,
+    FailOutcome,
+    IdempotencyKey,
+    Job,
+    Lease,
+    NewJob,
+    Retrying,
+    SucceededJob,
+)
+from app.queue.ports import CancelResult
 from app.storage import migrate
-from app.storage.common import SqlStorage, jobs, lease_update, leases_from, per_name
+from app.storage.common import (
+    FAILED_COLUMNS,
+    JOB_COLUMNS,
+    PRUNED,
+    SUCCEEDED_COLUMNS,
+    SqlStorage,
+    job_from,
+    leases_from,
+    new_job,
+)
+from app.storage.writer import Op, Writer, runs
 
 log = logging.getLogger("bgjobs.storage.postgres")
 
 CHANNEL = "bgjobs_ready"
 MIGRATION_LOCK = 0x6267_6A6F_6273  # "bgjobs": one replica migrates, the others wait for it
 KEEPALIVE_S = 5.0
+NO_LIMIT = 1 << 62
+
+# Errors that mean the database cannot be reached or written now (a 503), as opposed to
+# a bug in a statement or its data (a 500).
+OUTAGES: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.PostgresSystemError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
+
+# -- statements ---------------------------------------------------------------------------
+
+INSERT_JOB = (
+    "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
+    "lease_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
+SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = $1"
+SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = $1"
+
+# Reserve: per name (unnest) one bounded range of the partial index `ix_jobs_ready`,
+# locked FOR UPDATE SKIP LOCKED so concurrent reserves on any replica pass over each
+# other's rows instead of waiting or double-booking them. The MATERIALIZED CTE is an
+# optimization fence: as a plain IN (sub-select) the planner may run the LIMITed pick more
+# than once and lock more rows than it returns. The running total of payload sizes stops
+# the pick before it passes $4 bytes (the first row always goes). Rows locked but not picked are
+# unlocked at commit, a moment later.
+RESERVE = f"""
+WITH candidates AS (
+    SELECT c.id, c.available_at, c.size
+    FROM unnest($1::text[]) AS n(name)
+    CROSS JOIN LATERAL (
+        SELECT id, available_at, octet_length(payload) AS size FROM jobs
+        WHERE jobs.name = n.name AND reserved_at IS NULL AND available_at <= $2
+        ORDER BY available_at, id LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+), picked AS MATERIALIZED (
+    SELECT id FROM (
+        SELECT id, size,
+            sum(size) OVER (ORDER BY available_at, id ROWS UNBOUNDED PRECEDING) - size AS before
+        FROM (SELECT * FROM candidates ORDER BY available_at, id LIMIT $3) AS oldest
+    ) AS sized
+    WHERE before = 0 OR before + size <= $4
+)
+UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $5,
+    lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1)::text,
+    lease_expires_at = $6
+WHERE id IN (SELECT id FROM picked) AND reserved_at IS NULL
+RETURNING {JOB_COLUMNS}, lease_id
+"""
+# Ack, set-based: one DELETE for a whole run of acks; fencing is the (id, lease_id) match.
+ACK = """
+DELETE FROM jobs USING unnest($1::text[], $2::text[]) AS t(id, lease_id)
+WHERE jobs.id = t.id AND jobs.lease_id = t.lease_id
+RETURNING jobs.id, jobs.lease_id, jobs.name, jobs.payload, jobs.attempts, jobs.lease_seq,
+    jobs.created_at, jobs.available_at
+"""
+INSERT_SUCCEEDED = (
+    "INSERT INTO succeeded_jobs (id, name, payload, attempts, lease_seq, created_at, "
+    "available_at, succeeded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+HELD = (
+    "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq "
+    "FROM jobs WHERE id = $1 AND lease_id = $2"
+)
+HELD_FOR_FAIL = HELD + " FOR UPDATE"
+HELD_EXPIRED = HELD + " AND reserved_at IS NOT NULL AND lease_expires_at <= $3 FOR UPDATE"
+REQUEUE = (
+    "UPDATE jobs SET available_at = $1, reserved_at = NULL, reserved_by = NULL, "
+    "lease_expires_at = NULL WHERE id = $2"
+)
+DELETE_JOB = "DELETE FROM jobs WHERE id = $1"
+INSERT_FAILED = (
+    "INSERT INTO failed_jobs (id, name, payload, attempts, max_retries, lease_seq, exception, "
+    "created_at, available_at, failed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+)
+EXTEND = (
+    "UPDATE jobs SET lease_expires_at = $1 "
+    "WHERE id = $2 AND lease_id = $3 AND reserved_at IS NOT NULL"
+)
+RELEASE = (
+    "UPDATE jobs SET reserved_at = NULL, reserved_by = NULL, lease_id = NULL, "
+    "lease_expires_at = NULL, attempts = attempts - 1 "
+    f"WHERE id = $1 AND lease_id = $2 AND reserved_at IS NOT NULL RETURNING {JOB_COLUMNS}"
+)
+CANCEL_PENDING = "DELETE FROM jobs WHERE id = $1 AND reserved_at IS NULL"
+IS_PENDING = "SELECT 1 FROM jobs WHERE id = $1"
+DELETE_FINISHED = (
+    "DELETE FROM succeeded_jobs WHERE id = $1",
+    "DELETE FROM failed_jobs WHERE id = $1",
+)
+TAKE_FAILED = (
+    "DELETE FROM failed_jobs WHERE id = $1 "
+    "RETURNING id, name, payload, max_retries, created_at, lease_seq"
+)
+KEY_TABLES = {False: ("idempotency_keys", "job_id"), True: ("batch_idempotency_keys", "job_ids")}
+NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
+
+
+class Group:
+    """What one transaction made ready, per name: announced with one NOTIFY each."""
+
+    def __init__(self) -> None:
+        self.ready: dict[str, datetime] = {}
+
+    def announce(self, name: str, available_at: datetime) -> None:
+        known = self.ready.get(name)
+        if known is None or available_at < known:
+            self.ready[name] = available_at
+
+
+Conn: TypeAlias = Any  # an asyncpg.Connection (asyncpg ships no type hints)
+
+
+# -- one handler per kind of write: a run of items in, one result per item out -----------
+
+
+async def _insert_jobs(conn: Conn, group: Group, jobs: list[NewJob]) -> None:
+    await conn.executemany(
+        INSERT_JOB,
+        [
+            (j.id, j.name, j.payload, 0, j.max_retries, j.created_at, j.available_at, 0)
+            for j in jobs
+        ],
+    )
+    for job in jobs:
+        group.announce(job.name, job.available_at)
+
+
+async def enqueue(conn: Conn, group: Group, items: list[tuple[NewJob, datetime]]) -> list[Job]:
+    await _insert_jobs(conn, group, [job for job, _ in items])
+    return [new_job(job, now) for job, now in items]
+
+
+async def enqueue_many(
+    conn: Conn, group: Group, items: list[tuple[list[NewJob], datetime]]
+) -> list[list[Job]]:
+    results = []
+    for jobs, now in items:
+        await _insert_jobs(conn, group, jobs)
+        results.append([new_job(job, now) for job in jobs])
+    return results
+
+
+async def _get(conn: Conn, job_id: str, now: datetime) -> AnyJob | None:
+    row = await conn.fetchrow(SELECT_JOB, job_id)
+    if row is not None:
+        return job_from(row, now)
+    row = await conn.fetchrow(SELECT_SUCCEEDED, job_id)
+    if row is not None:
+        return SucceededJob(*row)
+    row = await conn.fetchrow(SELECT_FAILED, job_id)
+    return None if row is None else FailedJob(*row)
+
+
+async def _claim(
+    conn: Conn, key: IdempotencyKey, now: datetime, job_ids: str, batch: bool
+) -> tuple[str, str] | None:
+    """Claim the key for `job_ids`, or return (fingerprint, job ids) of its live earlier use.
+
+    Replicas may race for one key: ON CONFLICT DO NOTHING waits for the other claim to
+    commit and then inserts nothing, and the next look finds it.
+    """
+    table, ids = KEY_TABLES[batch]
+    while True:
+        used = await conn.fetchrow(
+            f"SELECT fingerprint, {ids}, created_at FROM {table} WHERE key = $1 FOR UPDATE",
+            key.key,
+        )
+        if used is not None and used[2] >= key.not_before:
+            return used[0], used[1]
+        if used is not None:  # expired: the key starts afresh
+            await conn.execute(f"DELETE FROM {table} WHERE key = $1", key.key)
+        claimed = await conn.fetchval(
+            f"INSERT INTO {table} (key, fingerprint, {ids}, created_at) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (key) DO NOTHING RETURNING key",
+            key.key,
+            key.fingerprint,
+            job_ids,
+            now,
+        )
+        if claimed is not None:
+            return None
+
+
+async def enqueue_once(
+    conn: Conn, group: Group, items: list[tuple[NewJob, datetime, IdempotencyKey]]
+) -> list[Enqueued]:
+    results = []
+    for job, now, key in items:
+        used = await _claim(conn, key, now, job.id, batch=False)
+        if used is None:
+            await _insert_jobs(conn, group, [job])
+            results.append(Enqueued(new_job(job, now), created=True))
+        else:
+            same = used[0] == key.fingerprint
+            found = await _get(conn, used[1], now)
+            results.append(Enqueued(found, created=False, same_request=same))
+    return results
+
+
+async def enqueue_many_once(
+    conn: Conn, group: Group, items: list[tuple[list[NewJob], datetime, IdempotencyKey]]
+) -> list[EnqueuedBatch]:
+    results = []
+    for jobs, now, key in items:
+        used = await _claim(conn, key, now, ",".join(job.id for job in jobs), batch=True)
+        if used is None:
+            await _insert_jobs(conn, group, jobs)
+            results.append(EnqueuedBatch([new_job(job, now) for job in jobs], created=True))
+        else:
+            found = [await _get(conn, job_id, now) for job_id in used[1].split(",")]
+            results.append(EnqueuedBatch(found, False, same_request=used[0] == key.fingerprint))
+    return results
+
+
+async def reserve(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> list[list[Lease]]:
+    results = []
+    for names, worker_id, max_jobs, now, expires_at, max_bytes in items:
+        limit = NO_LIMIT if max_bytes is None else max_bytes
+        rows = await conn.fetch(RESERVE, list(names), now, max_jobs, limit, worker_id, expires_at)
+        results.append(leases_from(rows, expires_at))
+    return results
+
+
+async def ack(
+    conn: Conn, group: Group, items: list[tuple[str, str, datetime]]
+) -> list[SucceededJob | None]:
+    rows = await conn.fetch(ACK, [i[0] for i in items], [i[1] for i in items])
+    taken = {(row[0], row[1]): row for row in rows}
+    results: list[SucceededJob | None] = []
+    inserts = []
+    for job_id, lease_id, now in items:
+        row = taken.pop((job_id, lease_id), None)  # a repeated item finds it gone
+        if row is None:
+            results.append(None)
+            continue
+        _, _, name, payload, attempts, lease_seq, created_at, available_at = row
+        inserts.append((job_id, name, payload, attempts, lease_seq, created_at, available_at, now))
+        results.append(SucceededJob(job_id, name, payload, attempts, created_at, available_at, now))
+    if inserts:
+        await conn.executemany(INSERT_SUCCEEDED, inserts)
+    return results
+
+
+async def fail(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> list[FailOutcome | None]:
+    results: list[FailOutcome | None] = []
+    for job_id, lease_id, now, exception, decide, expired_before in items:
+        if expired_before is None:
+            row = await conn.fetchrow(HELD_FOR_FAIL, job_id, lease_id)
+        else:
+            row = await conn.fetchrow(HELD_EXPIRED, job_id, lease_id, expired_before)
+        if row is None:
+            results.append(None)
+            continue
+        job_id, name, payload, attempts, max_retries, created, available, lease_seq = row
+        retry_at = decide(attempts, max_retries)
+        if retry_at is not None:
+            await conn.execute(REQUEUE, retry_at, job_id)
+            group.announce(name, retry_at)
+            job = [job_id, name, payload, attempts, max_retries, created, retry_at, None, None]
+            results.append(Retrying(job_from(job, now)))
+            continue
+        await conn.execute(DELETE_JOB, job_id)
+        values = (job_id, name, payload, attempts, max_retries, lease_seq, exception)
+        await conn.execute(INSERT_FAILED, *values, created, available, now)
+        failed = FailedJob(job_id, name, payload, attempts, exception, created, available, now)
+        results.append(Buried(failed))
+    return results
+
+
+async def extend(conn: Conn, group: Group, items: list[tuple[str, str, datetime]]) -> list[bool]:
+    results = []
+    for job_id, lease_id, expires_at in items:
+        status = await conn.execute(EXTEND, expires_at, job_id, lease_id)
+        results.append(status == "UPDATE 1")
+    return results
+
+
+async def release(
+    conn: Conn, group: Group, items: list[tuple[str, str, datetime]]
+) -> list[Job | None]:
+    results: list[Job | None] = []
+    for job_id, lease_id, now in items:
+        row = await conn.fetchrow(RELEASE, job_id, lease_id)
+        if row is not None:
+            group.announce(row[1], row[6])
+        results.append(None if row is None else job_from(row, now))
+    return results
+
+
+async def cancel(conn: Conn, group: Group, items: list[str]) -> list[CancelResult]:
+    async def one(job_id: str) -> CancelResult:
+        if await conn.execute(CANCEL_PENDING, job_id) != "DELETE 0":
+            return "deleted"
+        if await conn.fetchval(IS_PENDING, job_id) is not None:
+            return "reserved"
+        for sql in DELETE_FINISHED:
+            if await conn.execute(sql, job_id) != "DELETE 0":
+                return "deleted"
+        return "missing"
+
+    return [await one(job_id) for job_id in items]
+
+
+async def retry_failed(
+    conn: Conn, group: Group, items: list[tuple[str, datetime]]
+) -> list[Job | None]:
+    results: list[Job | None] = []
+    for job_id, now in items:
+        row = await conn.fetchrow(TAKE_FAILED, job_id)
+        if row is None:
+            results.append(None)
+            continue
+        job_id, name, payload, max_retries, created_at, lease_seq = row
+        await conn.execute(
+            INSERT_JOB, job_id, name, payload, 0, max_retries, created_at, now, lease_seq
+        )
+        group.announce(name, now)
+        results.append(
+            Job(job_id, name, payload, 0, max_retries, created_at, now, None, None, "available")
+        )
+    return results
+
+
+async def prune(conn: Conn, group: Group, items: list[tuple[str, datetime, int]]) -> list[int]:
+    results = []
+    for kind, before, limit in items:
+        table, key, stamp = PRUNED[kind]
+        status = await conn.execute(
+            f"DELETE FROM {table} WHERE {key} IN "
+            f"(SELECT {key} FROM {table} WHERE {stamp} < $1 ORDER BY {stamp} LIMIT $2)",
+            before,
+            limit,
+        )
+        results.append(int(status.split()[-1]))
+    return results
+
+
+async def probe(conn: Conn, group: Group, items: list[None]) -> list[None]:
+    await conn.execute("SET TRANSACTION READ WRITE")  # fails on a read-only standby
+    return [None for _ in items]
+
+
+Handler = Callable[[Conn, Group, list[Any]], Awaitable[list[Any]]]
+HANDLERS: dict[str, Handler] = {
+    "enqueue": enqueue,
+    "enqueue_many": enqueue_many,
+    "enqueue_once": enqueue_once,
+    "enqueue_many_once": enqueue_many_once,
+    "reserve": reserve,
+    "ack": ack,
+    "fail": fail,
+    "extend": extend,
+    "release": release,
+    "cancel": cancel,
+    "retry_failed": retry_failed,
+    "prune": prune,
+    "probe": probe,
+}
 
 
 class PostgresStorage(SqlStorage):
@@ -37,9 +433,11 @@ class PostgresStorage(SqlStorage):
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
         self._sender = os.urandom(6).hex()  # to skip this replica's own notifications
         self._listener: asyncio.Task[None] | None = None
+        self._conn: Conn | None = None
+        self._writer = Writer(self._apply)
 
     async def migrate(self) -> None:
-        async with self._write() as conn:
+        async with self._read() as conn, conn.begin():
             await conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
             await conn.run_sync(migrate.upgrade)
 
@@ -49,59 +447,41 @@ class PostgresStorage(SqlStorage):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
         await super().close()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._conn.close(), 2)
+            self._conn = None
 
-    async def _probe_write(self, conn: AsyncConnection) -> None:
-        await conn.execute(text("SET TRANSACTION READ WRITE"))  # fails on a read-only standby
+    # -- the writer ---------------------------------------------------------------------
 
-    async def reserve(
-        self,
-        names: Sequence[str],
-        worker_id: str,
-        max_jobs: int,
-        now: datetime,
-        expires_at: datetime,
-    ) -> list[Lease]:
-        """UPDATE ... WHERE id IN (a MATERIALIZED CTE of rows locked FOR UPDATE SKIP LOCKED).
-
-        SKIP LOCKED lets concurrent reserves on any replica pass over each other's rows
-        instead of waiting or double-booking them. The CTE is an optimization fence: as a
-        plain IN (sub-select), the planner may run the LIMITed sub-select more than once
-        and lock more rows than it returns. With several names, each name's range locks up
-        to `max_jobs` rows and the oldest `max_jobs` of them are kept; the rest are
-        unlocked at commit, a moment later.
-        """
-
-        def ready(name: str) -> Select[tuple[str, datetime]]:
-            return (
-                select(jobs.c.id, jobs.c.available_at)
-                .where(
-                    jobs.c.name == name, jobs.c.reserved_at.is_(None), jobs.c.available_at <= now
-                )
-                .order_by(jobs.c.available_at, jobs.c.id)
-                .limit(max_jobs)
-                .with_for_update(skip_locked=True)
-            )
-
-        candidates = per_name(names, ready)
-        picked = (
-            select(candidates.c.id)
-            .order_by(candidates.c.available_at, candidates.c.id)
-            .limit(max_jobs)
-            .cte("picked")
-            .prefix_with("MATERIALIZED")
-        )
-        stmt = lease_update(select(picked.c.id), worker_id, now, expires_at)
-        async with self._write() as conn:
-            rows = (await conn.execute(stmt)).mappings().all()
-        return leases_from(rows, expires_at, now)
+    async def _apply_group(self, group: list[Op]) -> list[Any]:
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(self._dsn)
+            conn = self._conn
+            async with conn.transaction():
+                ready = Group()
+                results: list[Any] = []
+                for kind, run in runs(group):
+                    results.extend(await HANDLERS[kind](conn, ready, [op.arg for op in run]))
+                if ready.ready:
+                    payloads = [
+                        f"{self._sender}|{at.isoformat()}|{name}"
+                        for name, at in ready.ready.items()
+                    ]
+                    await conn.execute(NOTIFY, CHANNEL, payloads)
+            return results
+        except OUTAGES as exc:
+            if self._conn is not None and not self._conn.is_closed():
+                self._conn.terminate()
+            self._conn = None
+            raise StorageUnavailable(f"database unavailable: {exc}") from exc
 
     # -- cross-replica wake-ups ---------------------------------------------------------
 
-    async def _announce(self, conn: AsyncConnection, name: str, available_at: datetime) -> None:
-        payload = f"{self._sender}|{available_at.isoformat()}|{name}"
-        await conn.execute(
-            text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload}
-        )
+    def _payloads(self, group: Group) -> list[str]:
+        """`sender|available_at|name`: the format every release since 1.0 sends and reads."""
+        return [f"{self._sender}|{at.isoformat()}|{name}" for name, at in group.ready.items()]
 
     async def listen(
         self, on_ready: Callable[[str, datetime], None], on_gap: Callable[[], None]

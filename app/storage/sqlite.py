@@ -1,94 +1,487 @@
 """The embedded default: one SQLite file in WAL mode, for one server process.
 
-SQLite allows one writer at a time. Rather than let concurrent requests collide on the
-file lock (SQLITE_BUSY), writers queue on an asyncio lock and each write transaction
-starts with BEGIN IMMEDIATE; readers run concurrently on their own connections (WAL).
+SQLite allows one writer at a time, which suits group commit: every write of the process
+goes through one connection, owned by one thread, and a whole group (many requests) is
+one transaction and one hop to that thread. Readers run concurrently on their own
+connections (WAL), through SQLAlchemy.
+
+The hot-path statements are written here once, as text, and prepared once by sqlite3's
+statement cache. Times are stored as SQLAlchemy stores them on SQLite (naive UTC text of
+fixed width, `YYYY-MM-DD HH:MM:SS.ffffff`), so both paths read each other's rows and text
+order is time order.
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from datetime import datetime
+import contextlib
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, event, select
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.queue.models import Lease
-from app.storage.common import SqlStorage, jobs, lease_update, leases_from, per_name
+from app.queue.errors import StorageUnavailable
+from app.queue.models import (
+    AnyJob,
+    Buried,
+    Enqueued,
+    EnqueuedBatch,
+    FailedJob,
+    FailOutcome,
+    IdempotencyKey,
+    Job,
+    Lease,
+    NewJob,
+    Retrying,
+    SucceededJob,
+)
+from app.queue.ports import CancelResult
+from app.storage.common import (
+    FAILED_COLUMNS,
+    JOB_COLUMNS,
+    PRUNED,
+    SUCCEEDED_COLUMNS,
+    SqlStorage,
+    job_from,
+    leases_from,
+    new_job,
+)
+from app.storage.writer import Op, Writer, runs
+
+NO_LIMIT = 1 << 62
+# Result codes that mean the file cannot be reached or written now (a 503): permissions,
+# busy or locked, out of memory, read-only, I/O error, corrupt, disk full, cannot open,
+# locking protocol, not a database. Anything else (a syntax error, a constraint) is a bug.
+OUTAGE_CODES = frozenset({3, 5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
+
+
+def is_outage(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is None or code & 0xFF in OUTAGE_CODES
+
+
+def ts(moment: datetime) -> str:
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def dt(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def _times(row: sqlite3.Row | tuple[Any, ...], *at: int) -> list[Any]:
+    """The row with the columns at `at` turned from stored text into aware datetimes."""
+    values = list(row)
+    for i in at:
+        if values[i] is not None:
+            values[i] = dt(values[i])
+    return values
+
+
+# -- statements ---------------------------------------------------------------------------
+
+INSERT_JOB = (
+    "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
+    "lease_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = ?"
+SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = ?"
+ACK = (
+    "DELETE FROM jobs WHERE id = ? AND lease_id = ? "
+    "RETURNING id, name, payload, attempts, lease_seq, created_at, available_at"
+)
+INSERT_SUCCEEDED = (
+    "INSERT INTO succeeded_jobs (id, name, payload, attempts, lease_seq, created_at, "
+    "available_at, succeeded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+HELD = (
+    "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq "
+    "FROM jobs WHERE id = ? AND lease_id = ?"
+)
+HELD_EXPIRED = HELD + " AND reserved_at IS NOT NULL AND lease_expires_at <= ?"
+REQUEUE = (
+    "UPDATE jobs SET available_at = ?, reserved_at = NULL, reserved_by = NULL, "
+    "lease_expires_at = NULL WHERE id = ?"
+)
+DELETE_JOB = "DELETE FROM jobs WHERE id = ?"
+INSERT_FAILED = (
+    "INSERT INTO failed_jobs (id, name, payload, attempts, max_retries, lease_seq, exception, "
+    "created_at, available_at, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+EXTEND = (
+    "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND lease_id = ? AND reserved_at IS NOT NULL"
+)
+RELEASE = (
+    "UPDATE jobs SET reserved_at = NULL, reserved_by = NULL, lease_id = NULL, "
+    "lease_expires_at = NULL, attempts = attempts - 1 "
+    f"WHERE id = ? AND lease_id = ? AND reserved_at IS NOT NULL RETURNING {JOB_COLUMNS}"
+)
+CANCEL_PENDING = "DELETE FROM jobs WHERE id = ? AND reserved_at IS NULL"
+IS_PENDING = "SELECT 1 FROM jobs WHERE id = ?"
+DELETE_FINISHED = (
+    "DELETE FROM succeeded_jobs WHERE id = ?",
+    "DELETE FROM failed_jobs WHERE id = ?",
+)
+TAKE_FAILED = (
+    "DELETE FROM failed_jobs WHERE id = ? "
+    "RETURNING id, name, payload, max_retries, created_at, lease_seq"
+)
+KEY_TABLES = {False: "idempotency_keys", True: "batch_idempotency_keys"}
+
+
+@lru_cache(maxsize=128)
+def reserve_sql(name_count: int) -> str:
+    """One UPDATE ... WHERE id IN (oldest ready ids) RETURNING, for `name_count` names.
+
+    Safe without row locks: the writer is the only connection that writes and it runs
+    this inside BEGIN IMMEDIATE, so nothing can reserve between the sub-select and the
+    update, and `reserved_at IS NULL` is re-checked on every row it changes. One bounded
+    range scan of the partial index `ix_jobs_ready` per name (glued with UNION ALL) keeps
+    the cost independent of the backlog, where `name IN (...) ORDER BY` would sort it all.
+    The running total of payload sizes stops the pick before it passes `:max_bytes` (the
+    first row always goes).
+    """
+    ranges = " UNION ALL ".join(
+        "SELECT * FROM (SELECT id, available_at, length(CAST(payload AS BLOB)) AS size "
+        f"FROM jobs WHERE name = :n{i} AND reserved_at IS NULL AND available_at <= :now "
+        "ORDER BY available_at, id LIMIT :max_jobs)"
+        for i in range(name_count)
+    )
+    return (
+        f"WITH candidates AS ({ranges}), "
+        "oldest AS (SELECT * FROM candidates ORDER BY available_at, id LIMIT :max_jobs), "
+        "picked AS (SELECT id, size, sum(size) OVER (ORDER BY available_at, id "
+        "ROWS UNBOUNDED PRECEDING) - size AS before FROM oldest) "
+        "UPDATE jobs SET attempts = attempts + 1, reserved_at = :now, reserved_by = :worker, "
+        "lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1), "
+        "lease_expires_at = :expires "
+        "WHERE id IN (SELECT id FROM picked WHERE before = 0 OR before + size <= :max_bytes) "
+        f"AND reserved_at IS NULL RETURNING {JOB_COLUMNS}, lease_id"
+    )
+
+
+# -- one handler per kind of write: a run of items in, one result per item out -----------
+
+
+def _insert_jobs(conn: sqlite3.Connection, jobs: list[NewJob]) -> None:
+    conn.executemany(
+        INSERT_JOB,
+        [
+            (j.id, j.name, j.payload, 0, j.max_retries, ts(j.created_at), ts(j.available_at), 0)
+            for j in jobs
+        ],
+    )
+
+
+def enqueue(conn: sqlite3.Connection, items: list[tuple[NewJob, datetime]]) -> list[Job]:
+    _insert_jobs(conn, [job for job, _ in items])
+    return [new_job(job, now) for job, now in items]
+
+
+def enqueue_many(
+    conn: sqlite3.Connection, items: list[tuple[list[NewJob], datetime]]
+) -> list[list[Job]]:
+    results = []
+    for jobs, now in items:
+        _insert_jobs(conn, jobs)
+        results.append([new_job(job, now) for job in jobs])
+    return results
+
+
+def _get(conn: sqlite3.Connection, job_id: str, now: datetime) -> AnyJob | None:
+    row = conn.execute(SELECT_JOB, (job_id,)).fetchone()
+    if row is not None:
+        return job_from(_times(row, 5, 6, 7), now)
+    row = conn.execute(SELECT_SUCCEEDED, (job_id,)).fetchone()
+    if row is not None:
+        return SucceededJob(*_times(row, 4, 5, 6))
+    row = conn.execute(SELECT_FAILED, (job_id,)).fetchone()
+    return None if row is None else FailedJob(*_times(row, 5, 6, 7))
+
+
+def _claim(
+    conn: sqlite3.Connection, key: IdempotencyKey, now: datetime, job_ids: str, batch: bool
+) -> tuple[str, str] | None:
+    """Claim the key for `job_ids`, or return (fingerprint, job ids) of its live earlier use.
+    The writer is the only writer, so no other request can claim it in between."""
+    table = KEY_TABLES[batch]
+    id_column = "job_ids" if batch else "job_id"
+    used = conn.execute(
+        f"SELECT fingerprint, {id_column}, created_at FROM {table} WHERE key = ?", (key.key,)
+    ).fetchone()
+    if used is not None and dt(used[2]) >= key.not_before:
+        return used[0], used[1]
+    conn.execute(f"DELETE FROM {table} WHERE key = ?", (key.key,))  # expired: start afresh
+    conn.execute(
+        f"INSERT INTO {table} (key, fingerprint, {id_column}, created_at) VALUES (?, ?, ?, ?)",
+        (key.key, key.fingerprint, job_ids, ts(now)),
+    )
+    return None
+
+
+def enqueue_once(
+    conn: sqlite3.Connection, items: list[tuple[NewJob, datetime, IdempotencyKey]]
+) -> list[Enqueued]:
+    results = []
+    for job, now, key in items:
+        used = _claim(conn, key, now, job.id, batch=False)
+        if used is None:
+            _insert_jobs(conn, [job])
+            results.append(Enqueued(new_job(job, now), created=True))
+        else:
+            same = used[0] == key.fingerprint
+            results.append(Enqueued(_get(conn, used[1], now), created=False, same_request=same))
+    return results
+
+
+def enqueue_many_once(
+    conn: sqlite3.Connection, items: list[tuple[list[NewJob], datetime, IdempotencyKey]]
+) -> list[EnqueuedBatch]:
+    results = []
+    for jobs, now, key in items:
+        used = _claim(conn, key, now, ",".join(job.id for job in jobs), batch=True)
+        if used is None:
+            _insert_jobs(conn, jobs)
+            results.append(EnqueuedBatch([new_job(job, now) for job in jobs], created=True))
+        else:
+            found = [_get(conn, job_id, now) for job_id in used[1].split(",")]
+            results.append(EnqueuedBatch(found, False, same_request=used[0] == key.fingerprint))
+    return results
+
+
+def reserve(conn: sqlite3.Connection, items: list[tuple[Any, ...]]) -> list[list[Lease]]:
+    results = []
+    for names, worker_id, max_jobs, now, expires_at, max_bytes in items:
+        params: dict[str, Any] = {f"n{i}": name for i, name in enumerate(names)}
+        params.update(
+            now=ts(now),
+            max_jobs=max_jobs,
+            max_bytes=NO_LIMIT if max_bytes is None else max_bytes,
+            worker=worker_id,
+            expires=ts(expires_at),
+        )
+        rows = conn.execute(reserve_sql(len(names)), params).fetchall()
+        results.append(leases_from([_times(row, 5, 6, 7) for row in rows], expires_at))
+    return results
+
+
+def ack(
+    conn: sqlite3.Connection, items: list[tuple[str, str, datetime]]
+) -> list[SucceededJob | None]:
+    results: list[SucceededJob | None] = []
+    inserts = []
+    for job_id, lease_id, now in items:
+        row = conn.execute(ACK, (job_id, lease_id)).fetchone()
+        if row is None:
+            results.append(None)
+            continue
+        job_id, name, payload, attempts, lease_seq, created_at, available_at = row
+        inserts.append(
+            (job_id, name, payload, attempts, lease_seq, created_at, available_at, ts(now))
+        )
+        results.append(
+            SucceededJob(job_id, name, payload, attempts, dt(created_at), dt(available_at), now)
+        )
+    conn.executemany(INSERT_SUCCEEDED, inserts)
+    return results
+
+
+def fail(conn: sqlite3.Connection, items: list[tuple[Any, ...]]) -> list[FailOutcome | None]:
+    results: list[FailOutcome | None] = []
+    for job_id, lease_id, now, exception, decide, expired_before in items:
+        if expired_before is None:
+            row = conn.execute(HELD, (job_id, lease_id)).fetchone()
+        else:
+            row = conn.execute(HELD_EXPIRED, (job_id, lease_id, ts(expired_before))).fetchone()
+        if row is None:
+            results.append(None)
+            continue
+        job_id, name, payload, attempts, max_retries, created, available, lease_seq = row
+        retry_at = decide(attempts, max_retries)
+        if retry_at is not None:
+            conn.execute(REQUEUE, (ts(retry_at), job_id))
+            job = [job_id, name, payload, attempts, max_retries, dt(created), retry_at, None, None]
+            results.append(Retrying(job_from(job, now)))
+            continue
+        conn.execute(DELETE_JOB, (job_id,))
+        values = (job_id, name, payload, attempts, max_retries, lease_seq, exception)
+        conn.execute(INSERT_FAILED, (*values, created, available, ts(now)))
+        results.append(
+            Buried(
+                FailedJob(
+                    job_id, name, payload, attempts, exception, dt(created), dt(available), now
+                )
+            )
+        )
+    return results
+
+
+def extend(conn: sqlite3.Connection, items: list[tuple[str, str, datetime]]) -> list[bool]:
+    return [
+        conn.execute(EXTEND, (ts(expires_at), job_id, lease_id)).rowcount == 1
+        for job_id, lease_id, expires_at in items
+    ]
+
+
+def release(conn: sqlite3.Connection, items: list[tuple[str, str, datetime]]) -> list[Job | None]:
+    results: list[Job | None] = []
+    for job_id, lease_id, now in items:
+        row = conn.execute(RELEASE, (job_id, lease_id)).fetchone()
+        results.append(None if row is None else job_from(_times(row, 5, 6, 7), now))
+    return results
+
+
+def cancel(conn: sqlite3.Connection, items: list[str]) -> list[CancelResult]:
+    def one(job_id: str) -> CancelResult:
+        if conn.execute(CANCEL_PENDING, (job_id,)).rowcount:
+            return "deleted"
+        if conn.execute(IS_PENDING, (job_id,)).fetchone() is not None:
+            return "reserved"
+        for sql in DELETE_FINISHED:
+            if conn.execute(sql, (job_id,)).rowcount:
+                return "deleted"
+        return "missing"
+
+    return [one(job_id) for job_id in items]
+
+
+def retry_failed(conn: sqlite3.Connection, items: list[tuple[str, datetime]]) -> list[Job | None]:
+    results: list[Job | None] = []
+    for job_id, now in items:
+        row = conn.execute(TAKE_FAILED, (job_id,)).fetchone()
+        if row is None:
+            results.append(None)
+            continue
+        job_id, name, payload, max_retries, created_at, lease_seq = row
+        values = (job_id, name, payload, 0, max_retries, created_at, ts(now), lease_seq)
+        conn.execute(INSERT_JOB, values)
+        results.append(
+            Job(job_id, name, payload, 0, max_retries, dt(created_at), now, None, None, "available")
+        )
+    return results
+
+
+def prune(conn: sqlite3.Connection, items: list[tuple[str, datetime, int]]) -> list[int]:
+    results = []
+    for kind, before, limit in items:
+        table, key, stamp = PRUNED[kind]
+        sql = (
+            f"DELETE FROM {table} WHERE {key} IN "
+            f"(SELECT {key} FROM {table} WHERE {stamp} < ? ORDER BY {stamp} LIMIT ?)"
+        )
+        results.append(conn.execute(sql, (ts(before), limit)).rowcount)
+    return results
+
+
+def probe(conn: sqlite3.Connection, items: list[None]) -> list[None]:
+    conn.execute("PRAGMA user_version = 0")  # rewrites the header page: a real write
+    return [None for _ in items]
+
+
+HANDLERS: dict[str, Callable[[sqlite3.Connection, list[Any]], list[Any]]] = {
+    "enqueue": enqueue,
+    "enqueue_many": enqueue_many,
+    "enqueue_once": enqueue_once,
+    "enqueue_many_once": enqueue_many_once,
+    "reserve": reserve,
+    "ack": ack,
+    "fail": fail,
+    "extend": extend,
+    "release": release,
+    "cancel": cancel,
+    "retry_failed": retry_failed,
+    "prune": prune,
+    "probe": probe,
+}
 
 
 class SqliteStorage(SqlStorage):
-    def __init__(self, url: str, synchronous: str = "NORMAL") -> None:
-        database = make_url(url).database
+    def __init__(self, url: str, synchronous: str = "FULL") -> None:
+        database = make_url(url).database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_async_engine(url, pool_size=8, max_overflow=8)
-        self._write_lock = asyncio.Lock()
-        self._install_pragmas(synchronous)
+        self._database = database
+        self._synchronous = synchronous
+        self.engine = create_async_engine(url, pool_size=4, max_overflow=8)
+        self._install_pragmas()
+        # The writer's own connection lives in its own thread: one hop per group.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="bgjobs-sqlite-writer")
+        self._conn: sqlite3.Connection | None = None
+        self._writer = Writer(self._apply)
 
-    def _install_pragmas(self, synchronous: str) -> None:
+    def _configure(self, conn: Any) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+
+    def _install_pragmas(self) -> None:
         @event.listens_for(self.engine.sync_engine, "connect")
         def on_connect(dbapi_connection: Any, _record: Any) -> None:
             # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA synchronous={synchronous}")
-            cursor.execute("PRAGMA busy_timeout=5000")
+            self._configure(cursor)
             cursor.close()
 
         @event.listens_for(self.engine.sync_engine, "begin")
         def on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("writer") else "BEGIN")
+            conn.exec_driver_sql("BEGIN")
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._guard(writing=True), self._write_lock, self.engine.connect() as conn:
-            conn.sync_connection.info["writer"] = True  # type: ignore[union-attr]
-            try:
-                async with conn.begin():
-                    yield conn
-            finally:
-                conn.sync_connection.info["writer"] = False  # type: ignore[union-attr]
+    def _is_outage(self, exc: BaseException) -> bool:
+        orig = getattr(exc, "orig", None)
+        if isinstance(orig, sqlite3.Error):
+            return is_outage(orig)
+        return super()._is_outage(exc)
 
-    async def _probe_write(self, conn: AsyncConnection) -> None:
-        await conn.exec_driver_sql("PRAGMA user_version = 0")  # rewrites the header page
+    async def close(self) -> None:
+        await super().close()
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._close_connection)
+        self._thread.shutdown(wait=True)
 
-    async def reserve(
-        self,
-        names: Sequence[str],
-        worker_id: str,
-        max_jobs: int,
-        now: datetime,
-        expires_at: datetime,
-    ) -> list[Lease]:
-        """One UPDATE ... WHERE id IN (oldest ready ids) RETURNING.
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
-        Safe without row locks: the statement runs inside a BEGIN IMMEDIATE transaction,
-        so no other writer can reserve between the sub-select and the update, and the
-        `reserved_at IS NULL` guard is re-checked on every row it changes.
-        """
-
-        def ready(name: str) -> Select[Any]:
-            return (
-                select(jobs.c.id, jobs.c.available_at)
-                .where(
-                    jobs.c.name == name, jobs.c.reserved_at.is_(None), jobs.c.available_at <= now
-                )
-                .order_by(jobs.c.available_at, jobs.c.id)
-                .limit(max_jobs)
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            uri = self._database.startswith("file:")
+            conn = sqlite3.connect(
+                self._database,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=256,
+                uri=uri,
             )
+            self._configure(conn)
+            self._conn = conn
+        return self._conn
 
-        candidates = per_name(names, ready)
-        oldest = (
-            select(candidates.c.id)
-            .order_by(candidates.c.available_at, candidates.c.id)
-            .limit(max_jobs)
-        )
-        stmt = lease_update(oldest, worker_id, now, expires_at)
-        async with self._write() as conn:
-            rows = (await conn.execute(stmt)).mappings().all()
-        return leases_from(rows, expires_at, now)
+    async def _apply_group(self, group: list[Op]) -> list[Any]:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._run, group)
+
+    def _run(self, group: list[Op]) -> list[Any]:
+        """In the writer thread: the whole group in one BEGIN IMMEDIATE ... COMMIT."""
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                results: list[Any] = []
+                for kind, run in runs(group):
+                    results.extend(HANDLERS[kind](conn, [op.arg for op in run]))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if is_outage(exc):
+                raise StorageUnavailable(f"database unavailable: {exc}") from exc
+            raise
+        return results

@@ -135,3 +135,17 @@ class IdempotencyKeyRow(SQLModel, table=True):
     created_at: datetime = _time()
 
     __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+
+
+class BatchIdempotencyKeyRow(SQLModel, table=True):
+    """An Idempotency-Key of POST /jobs/batch: its own key space, and the ids of every job
+    the batch created (comma-separated, in request order)."""
+
+    __tablename__ = "batch_idempotency_keys"
+
+    key: str = Field(primary_key=True, max_length=255)
+    fingerprint: str = Field(max_length=64)
+    job_ids: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _time()
+
+    __table_args__ = (Index("ix_batch_idempotency_keys_created_at", "created_at"),)

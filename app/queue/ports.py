@@ -1,10 +1,13 @@
-"""The storage seam: operations the queue service needs, named after what they do.
+"""The port the queue needs from storage: operations named after what they do.
 
-Every backend implements all of them with the same behaviour. Operations that change a
-reserved job take the lease id and change the row only while the job still holds that lease;
-they return None when it does not, and the service explains why.
+The queue package owns this protocol and the types it speaks; each backend in
+`app/storage` implements all of it with the same behaviour (one contract suite checks
+that). Operations that change a reserved job take the lease id and change the row only
+while the job still holds that lease; they return None (or False) when it does not, and
+the service explains why. Batch forms return one result per item, in request order.
 """
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,6 +16,7 @@ from typing import Literal, Protocol
 from app.queue.models import (
     AnyJob,
     Enqueued,
+    EnqueuedBatch,
     ExpiredLease,
     FailedJob,
     FailOutcome,
@@ -26,6 +30,7 @@ from app.queue.models import (
 )
 
 CancelResult = Literal["deleted", "reserved", "missing"]
+PruneKind = Literal["succeeded", "failed", "idempotency_keys", "batch_keys"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,7 +58,22 @@ class HistoryQuery:
     before: tuple[datetime, str] | None  # keyset: (finished_at, id) of the last row seen
 
 
+@dataclass(slots=True, frozen=True)
+class FailItem:
+    """One fail of a batch: the lease, what went wrong, and when to run again."""
+
+    job_id: str
+    lease_id: str
+    exception: str
+    decide: RetryDecision
+
+
 class Storage(Protocol):
+    @property
+    def writes(self) -> Counter[str]:
+        """Writes committed so far, by kind: every write goes through one writer, so this
+        is what each kind of request cost the database (tests watch idle polls with it)."""
+
     async def migrate(self) -> None:
         """Bring the schema up to date (Alembic), safely even with replicas starting at once."""
 
@@ -76,6 +96,14 @@ class Storage(Protocol):
     async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
         """Enqueue unless `key` was used since `key.not_before`; then report that use."""
 
+    async def enqueue_many(self, jobs: Sequence[NewJob], now: datetime) -> list[Job]:
+        """All of them in one transaction, or none."""
+
+    async def enqueue_many_once(
+        self, jobs: Sequence[NewJob], now: datetime, key: IdempotencyKey
+    ) -> EnqueuedBatch:
+        """`enqueue_many` unless the batch key was used since `key.not_before`."""
+
     async def reserve(
         self,
         names: Sequence[str],
@@ -83,14 +111,21 @@ class Storage(Protocol):
         max_jobs: int,
         now: datetime,
         expires_at: datetime,
+        max_bytes: int | None = None,
     ) -> list[Lease]:
-        """Atomically lease up to `max_jobs` available jobs, oldest `available_at` first."""
+        """Atomically lease up to `max_jobs` available jobs, oldest `available_at` first;
+        with `max_bytes`, stop before the payloads add up past it (but lease at least one)."""
 
-    async def next_due(self, names: Sequence[str], now: datetime) -> datetime | None:
-        """The earliest future `available_at` of an unreserved job of these names."""
+    async def earliest(self, name: str) -> datetime | None:
+        """The earliest `available_at` of an unreserved job of `name` (ready or not): a read."""
 
     async def ack(self, job_id: str, lease_id: str, now: datetime) -> SucceededJob | None:
         """Move the job to the succeeded jobs if `lease_id` is still its lease."""
+
+    async def ack_many(
+        self, items: Sequence[tuple[str, str]], now: datetime
+    ) -> list[SucceededJob | None]:
+        """`ack` for each (job id, lease id), in one transaction."""
 
     async def fail(
         self,
@@ -104,8 +139,15 @@ class Storage(Protocol):
         """Retry at `decide(...)` or move to the failed jobs; with `expired_before`, only a
         reserved job whose lease expired by then (so a racing extend wins over the reaper)."""
 
+    async def fail_many(self, items: Sequence[FailItem], now: datetime) -> list[FailOutcome | None]:
+        """`fail` for each item, in one transaction."""
+
     async def extend(self, job_id: str, lease_id: str, expires_at: datetime) -> bool:
         """Push back the expiry of a live lease."""
+
+    async def extend_many(
+        self, items: Sequence[tuple[str, str]], expires_at: datetime
+    ) -> list[bool]: ...
 
     async def release(self, job_id: str, lease_id: str, now: datetime) -> Job | None:
         """Give a reserved job back untouched: available again, this attempt not counted."""
@@ -128,7 +170,5 @@ class Storage(Protocol):
 
     async def list_failed(self, query: HistoryQuery) -> list[FailedJob]: ...
 
-    async def prune(
-        self, kind: Literal["succeeded", "failed"], before: datetime, limit: int
-    ) -> int:
-        """Delete up to `limit` of the oldest history rows finished before `before`."""
+    async def prune(self, kind: PruneKind, before: datetime, limit: int) -> int:
+        """Delete up to `limit` of the oldest rows of `kind` older than `before`."""
