@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -25,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from children import BenchError, free_port, pinned
+from children import REPO_ROOT, BenchError, free_port, pinned
 from loadgen import PAYLOAD
 
 INSERT_COLUMNS = "id, name, payload, attempts, max_retries, created_at, available_at, lease_seq"
@@ -60,7 +61,12 @@ class SqliteBackend:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def describe(self) -> list[str]:
-        return [f"SQLite {sqlite3.sqlite_version}, files in {self.workdir}"]
+        settings = (REPO_ROOT / "app" / "settings.py").read_text()
+        found = re.search(r"sqlite_synchronous\b.*=\s*\"(\w+)\"", settings)
+        synchronous = os.environ.get("BGJOBS_SQLITE_SYNCHRONOUS") or (
+            f"{found.group(1)} (the default in app/settings.py)" if found else "the default"
+        )
+        return [f"SQLite {sqlite3.sqlite_version}, synchronous={synchronous}, in {self.workdir}"]
 
     def close(self) -> None:
         pass

@@ -130,7 +130,8 @@ async def cycle(args: argparse.Namespace) -> dict[str, Any]:
                 if not ids:
                     drained = True
                     return
-                done += await ack_all(client, ids, args.batch_ack, tally)
+                acked = await ack_all(client, ids, args.batch_ack, tally)
+                done += acked  # not `done += await ...`: that reads `done` before the await
 
         cpu, start = cpu_now(), time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(args.workers)))

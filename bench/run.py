@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -188,10 +189,22 @@ def access_log_switch() -> tuple[list[str], dict[str, str], str]:
     ).stdout
     flags = ["--no-access-log"] if "--no-access-log" in help_text else []
     settings = (REPO_ROOT / "app" / "settings.py").read_text()
-    env = {"BGJOBS_ACCESS_LOG": "false"} if "access_log" in settings else {}
+    has_setting = re.search(r"^\s+access_log\s*:", settings, re.MULTILINE)
+    env = {"BGJOBS_ACCESS_LOG": "false"} if has_setting else {}
     used = [*flags, *(f"{k}={v}" for k, v in env.items())]
     how = " and ".join(used) if used else "no switch in app/cli.py yet; BGJOBS_LOG_LEVEL=warning"
     return flags, env, f"access log off via {how}"
+
+
+# The caller's other BGJOBS_* settings reach the server (and are printed), these do not: the
+# bench talks to an open server on a database and port of its own.
+NOT_PASSED = {
+    "BGJOBS_API_TOKENS",
+    "BGJOBS_API_TOKENS_FILE",
+    "BGJOBS_DATABASE_URL",
+    "BGJOBS_HOST",
+    "BGJOBS_PORT",
+}
 
 
 class Launcher:
@@ -201,7 +214,8 @@ class Launcher:
     def __init__(self, children: Children, workdir: Path, core: int, max_polls: int) -> None:
         self.children, self.workdir, self.core = children, workdir, core
         self.flags, extra_env, self.access_log = access_log_switch()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BGJOBS_")}
+        self.env = {k: v for k, v in os.environ.items() if k not in NOT_PASSED}
+        self.passed = sorted(f"{k}={v}" for k, v in self.env.items() if k.startswith("BGJOBS_"))
         self.env |= {"BGJOBS_LOG_LEVEL": "warning", "BGJOBS_MAX_WAITING_POLLS": str(max_polls)}
         self.env |= extra_env
 
@@ -387,8 +401,8 @@ def http_fill(bench: Bench, server: Server, name: str, count: int) -> dict[str, 
     )  # fmt: skip
     if result.get("missing"):
         raise BenchError(f"POST /jobs/batch vanished: {result['missing']}")
-    rate = result["jobs"] / max(result["seconds"], 1e-9)
-    print(f"  prefilled {result['total']:,} {name} jobs by POST /jobs/batch ({rate:,.0f} jobs/s)")
+    rate = f", {result['jobs'] / result['seconds']:,.0f} jobs/s" if result["jobs"] else ""
+    print(f"  prefilled {result['total']:,} {name} jobs by POST /jobs/batch{rate}", flush=True)
     return result
 
 
@@ -490,6 +504,15 @@ def enqueue_row(bench: Bench, server: Server, minimal: Server) -> None:
         )
         row.void_if_busy(w.cpu, f"wrk against {label}")
     row.note(f"{cfg.rounds} round(s) of {cfg.seconds:g} s each, alternating minimal and ours")
+    row.note(f"HTTP stack, from /proc/PID/maps: ours {stack(server)}, minimal {stack(minimal)}")
+
+
+def stack(server: Server) -> str:
+    """Which of uvloop and httptools the server process has loaded: the minimal app is given
+    them explicitly, ours gets them from uvicorn's `auto` defaults."""
+    maps = Path(f"/proc/{server.pid}/maps").read_text()
+    found = [name for name in ("uvloop", "httptools") if f"/{name}/" in maps]
+    return " + ".join(found) or "asyncio + h11"
 
 
 def pickup_rows(bench: Bench, server: Server) -> None:
@@ -579,18 +602,20 @@ def batch_enqueue_row(bench: Bench, server: Server) -> None:
 
 
 def main_server_rows(bench: Bench) -> None:
-    """The minimal app beside our server for the first row, then our server alone for the
-    rows that need no backlog."""
+    """One server for the rows that need no backlog; the minimal app runs beside it for the
+    first row only."""
     rows = bench.rows
-    with contextlib.ExitStack() as minimal_stack:
-        minimal = minimal_stack.enter_context(bench.launcher.minimal())
-        with bench.launcher.ours(bench.backend.new_database("main"), "main") as server:
-            bench.caps = probe(server.url)
-            section([rows["enqueue"]], lambda: enqueue_row(bench, server, minimal))
-            minimal_stack.close()
-            section([rows["pickup_p50"], rows["pickup_p99"]], lambda: pickup_rows(bench, server))
-            section([rows["idle_cpu"], rows["idle_rate"]], lambda: idle_rows(bench, server))
-            section([rows["batch_enqueue"]], lambda: batch_enqueue_row(bench, server))
+
+    def against_minimal() -> None:
+        with bench.launcher.minimal() as minimal:
+            enqueue_row(bench, server, minimal)
+
+    with bench.launcher.ours(bench.backend.new_database("main"), "main") as server:
+        bench.caps = probe(server.url)
+        section([rows["enqueue"]], against_minimal)
+        section([rows["pickup_p50"], rows["pickup_p99"]], lambda: pickup_rows(bench, server))
+        section([rows["idle_cpu"], rows["idle_rate"]], lambda: idle_rows(bench, server))
+        section([rows["batch_enqueue"]], lambda: batch_enqueue_row(bench, server))
 
 
 def cycle_row(bench: Bench, server: Server, row: Row, name: str, batched: bool) -> None:
@@ -749,7 +774,8 @@ def run(args: argparse.Namespace, config: Config, report: Report, children: Chil
         launcher = Launcher(children, workdir, server_core, max_polls)
         report.context.append(
             f"server: python -m app.cli serve, BGJOBS_LOG_LEVEL=warning, "
-            f"BGJOBS_MAX_WAITING_POLLS={max_polls}, {launcher.access_log}"
+            f"BGJOBS_MAX_WAITING_POLLS={max_polls}, {launcher.access_log}; from the caller's "
+            f"environment: {', '.join(launcher.passed) or 'no BGJOBS_* setting'}"
         )
         for line in report.context:
             print(line, flush=True)

@@ -28,7 +28,8 @@ def test_walk_through_runs_as_written(server_process: Any) -> None:
         )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert out.count('"state":"available"') == 2  # the two enqueues
+    assert out.count('"state":"available"') == 4  # the two enqueues, the batch of two
+    assert out.count('"status":200') == 2  # the batch ack, one result per lease
     assert '"state":"succeeded"' in out  # the ack, and the succeeded list
     assert '"outcome":"failed"' in out
     assert out.count("SMTP server said 550: no such user") == 2  # the fail, the failed list

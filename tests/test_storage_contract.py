@@ -8,14 +8,19 @@ backend rounding or dropping them would show.
 
 import asyncio
 import itertools
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from app.queue.errors import StorageUnavailable
 from app.queue.models import (
     Buried,
+    Enqueued,
+    EnqueuedBatch,
     FailedJob,
+    IdempotencyKey,
     Job,
     Lease,
     NewJob,
@@ -23,8 +28,9 @@ from app.queue.models import (
     RetryDecision,
     Retrying,
     SucceededJob,
+    pending_state,
 )
-from app.queue.ports import HistoryQuery, LeasePosition, PendingQuery, Storage
+from app.queue.ports import FailItem, HistoryQuery, LeasePosition, PendingQuery, Storage
 from app.storage import open_storage
 from app.storage.migrate import head_revision
 
@@ -988,3 +994,462 @@ async def test_ping_succeeds(storage: Storage) -> None:
     job = await put(storage)
     await storage.ping()
     assert await storage.get(job.id, T0) == job
+
+
+# -- enqueue_once (idempotency keys) ------------------------------------------------------
+
+
+KEYS_SINCE = at(-3600)  # the default `not_before`: every use in these tests still counts
+
+
+def idem(
+    key: str = "key-1", fingerprint: str = "fp-1", not_before: datetime = KEYS_SINCE
+) -> IdempotencyKey:
+    """An idempotency key whose earlier uses count back to `not_before`."""
+    return IdempotencyKey(key, fingerprint, not_before)
+
+
+def as_pending(spec: NewJob, now: datetime) -> Job:
+    """The job an enqueue of `spec` at `now` makes."""
+    return Job(
+        spec.id, spec.name, spec.payload, 0, spec.max_retries, spec.created_at, spec.available_at,
+        None, None, pending_state(spec.available_at, None, now),
+    )  # fmt: skip
+
+
+async def test_enqueue_once_claims_the_key_then_replays_the_job_in_its_current_state(
+    storage: Storage,
+) -> None:
+    spec = new_job(created_at=at(0, 5), available_at=at(0, 5))
+    created = await storage.enqueue_once(spec, at(0, 5), idem())
+    assert created == Enqueued(as_pending(spec, at(0, 5)), created=True, same_request=True)
+    assert await storage.get(spec.id, at(0, 5)) == created.job
+
+    retry = new_job(created_at=at(1), available_at=at(1))  # a retry gets a new id: not used
+    assert await storage.enqueue_once(retry, at(1), idem()) == Enqueued(
+        as_pending(spec, at(1)), created=False, same_request=True
+    )
+    assert await storage.get(retry.id, at(1)) is None
+    assert [job.id for job in await storage.list_pending(pending(), at(1))] == [spec.id]
+
+    lease = await lease_of(storage, spec.id, at(2))
+    assert await storage.enqueue_once(new_job(), at(3), idem()) == Enqueued(
+        lease.job, created=False, same_request=True
+    )
+    done = await storage.ack(spec.id, lease.id, at(4))
+    assert done is not None
+    assert await storage.enqueue_once(new_job(), at(5), idem()) == Enqueued(
+        done, created=False, same_request=True
+    )
+    assert await storage.list_pending(pending(), at(5)) == []
+    assert await storage.list_succeeded(history()) == [done]
+
+
+async def test_enqueue_once_with_another_fingerprint_is_not_the_same_request(
+    storage: Storage,
+) -> None:
+    spec = new_job()
+    assert (await storage.enqueue_once(spec, T0, idem("k", "fp-a"))).created
+    other = new_job(payload="something else")
+    outcome = await storage.enqueue_once(other, at(1), idem("k", "fp-b"))
+    assert outcome == Enqueued(as_pending(spec, at(1)), created=False, same_request=False)
+    assert await storage.get(other.id, at(1)) is None
+    # The key keeps its first fingerprint: the first request still replays as itself.
+    replay = await storage.enqueue_once(new_job(), at(2), idem("k", "fp-a"))
+    assert replay == Enqueued(as_pending(spec, at(2)), created=False, same_request=True)
+    # Another key is another request.
+    fresh = await storage.enqueue_once(other, at(3), idem("k2", "fp-b"))
+    assert fresh == Enqueued(as_pending(other, at(3)), created=True, same_request=True)
+    assert sorted(job.id for job in await storage.list_pending(pending(), at(3))) == sorted(
+        [spec.id, other.id]
+    )
+
+
+async def test_enqueue_once_starts_afresh_with_a_key_older_than_not_before(
+    storage: Storage,
+) -> None:
+    first = new_job()
+    assert (await storage.enqueue_once(first, at(10), idem("k", "fp-1", at(0)))).created
+    # A use at exactly `not_before` still counts.
+    same = await storage.enqueue_once(new_job(), at(20), idem("k", "fp-2", not_before=at(10)))
+    assert same == Enqueued(as_pending(first, at(20)), created=False, same_request=False)
+    # One microsecond later it has expired: the key is claimed afresh, with a new job.
+    second = new_job(created_at=at(30), available_at=at(30))
+    fresh = await storage.enqueue_once(second, at(30), idem("k", "fp-2", not_before=at(10, 1)))
+    assert fresh == Enqueued(as_pending(second, at(30)), created=True, same_request=True)
+    assert await storage.get(first.id, at(30)) == as_pending(first, at(30))
+    assert await storage.get(second.id, at(30)) == as_pending(second, at(30))
+    # The key now stands for the second use: its fingerprint and its time.
+    replay = await storage.enqueue_once(new_job(), at(40), idem("k", "fp-2", not_before=at(30)))
+    assert replay == Enqueued(as_pending(second, at(40)), created=False, same_request=True)
+    late = await storage.enqueue_once(new_job(), at(40), idem("k", "fp-1", not_before=at(30)))
+    assert late.created is False and late.same_request is False
+
+
+async def test_enqueue_once_replays_none_once_the_job_is_deleted(storage: Storage) -> None:
+    spec = new_job()
+    assert (await storage.enqueue_once(spec, T0, idem())).created
+    assert await storage.cancel(spec.id) == "deleted"
+    retry = new_job()
+    assert await storage.enqueue_once(retry, at(1), idem()) == Enqueued(
+        None, created=False, same_request=True
+    )
+    assert await storage.enqueue_once(retry, at(1), idem(fingerprint="fp-2")) == Enqueued(
+        None, created=False, same_request=False
+    )
+    assert await storage.list_pending(pending(), at(1)) == []
+    # The same once the job finished and its record was deleted.
+    done = new_job("sms")
+    assert (await storage.enqueue_once(done, at(2), idem("k2"))).created
+    lease = await lease_of(storage, done.id, at(2))
+    assert await storage.ack(done.id, lease.id, at(3)) is not None
+    assert await storage.cancel(done.id) == "deleted"
+    assert await storage.enqueue_once(new_job(), at(4), idem("k2")) == Enqueued(
+        None, created=False, same_request=True
+    )
+
+
+async def test_an_enqueue_once_that_raises_leaves_its_key_unclaimed(storage: Storage) -> None:
+    taken = await put(storage)
+    with pytest.raises(Exception) as raised:
+        await storage.enqueue_once(new_job(job_id=taken.id), at(1), idem())
+    assert not isinstance(raised.value, StorageUnavailable)  # a data error, not an outage
+    spec = new_job()
+    assert await storage.enqueue_once(spec, at(2), idem()) == Enqueued(
+        as_pending(spec, at(2)), created=True, same_request=True
+    )
+
+
+async def test_prune_deletes_the_oldest_idempotency_keys_in_batches(storage: Storage) -> None:
+    old = at(-100)
+    for i in (3, 1, 5, 2, 4):
+        assert (await storage.enqueue_once(new_job(job_id=f"j{i}"), at(i), idem(f"k{i}"))).created
+    assert await storage.prune("idempotency_keys", at(4), 2) == 2
+    # k1 and k2 (the oldest) are gone and can be claimed again; k3 is still there.
+    for i in (1, 2):
+        again = new_job(job_id=f"again{i}")
+        outcome = await storage.enqueue_once(again, at(10), idem(f"k{i}", not_before=old))
+        assert outcome == Enqueued(as_pending(again, at(10)), created=True)
+    kept = await storage.enqueue_once(new_job(), at(10), idem("k3", not_before=old))
+    assert kept.created is False and kept.job is not None and kept.job.id == "j3"
+    assert await storage.prune("idempotency_keys", at(4), 2) == 1  # k3
+    assert await storage.prune("idempotency_keys", at(4), 2) == 0  # k4 is from at(4), not before
+    assert (await storage.enqueue_once(new_job(), at(11), idem("k3", not_before=old))).created
+    for i in (4, 5):
+        outcome = await storage.enqueue_once(new_job(), at(11), idem(f"k{i}", not_before=old))
+        assert outcome.created is False and outcome.job is not None and outcome.job.id == f"j{i}"
+    # Pruning keys leaves their jobs alone.
+    listed = await storage.list_pending(pending(), at(11))
+    assert {f"j{i}" for i in range(1, 6)} <= {job.id for job in listed}
+    assert len(listed) == 8
+
+
+# -- enqueue_many and enqueue_many_once ---------------------------------------------------
+
+
+async def test_enqueue_many_writes_all_the_jobs_in_order(storage: Storage) -> None:
+    specs = [
+        new_job("email", job_id="m-c", available_at=at(0, 3)),
+        new_job("sms", job_id="m-a", available_at=at(5, 1), max_retries=0),
+        new_job("email", job_id="m-b", payload="", available_at=at(0, 1)),
+    ]
+    jobs = await storage.enqueue_many(specs, at(1))
+    assert jobs == [as_pending(spec, at(1)) for spec in specs]
+    assert [job.state for job in jobs] == ["available", "scheduled", "available"]
+    for job in jobs:
+        assert await storage.get(job.id, at(1)) == job
+    assert [job.id for job in await storage.list_pending(pending(), at(1))] == [
+        "m-b",
+        "m-c",
+        "m-a",
+    ]
+    assert [lease.job.id for lease in await reserve(storage, ["email", "sms"], now=at(6))] == [
+        "m-b",
+        "m-c",
+        "m-a",
+    ]
+
+
+async def test_enqueue_many_with_a_duplicate_id_raises_and_writes_nothing(
+    storage: Storage,
+) -> None:
+    existing = await put(storage, new_job(job_id="dup"))
+    batches = [
+        [new_job(job_id="b1"), new_job(job_id="dup"), new_job(job_id="b3")],  # a stored id
+        [new_job(job_id="c1"), new_job(job_id="c2"), new_job(job_id="c1")],  # twice in itself
+    ]
+    for batch in batches:
+        writes = storage.writes["enqueue_many"]
+        with pytest.raises(Exception) as raised:
+            await storage.enqueue_many(batch, at(1))
+        assert not isinstance(raised.value, StorageUnavailable)  # a data error, not an outage
+        assert "unique" in str(raised.value).lower(), raised.value
+        assert storage.writes["enqueue_many"] == writes  # nothing committed
+    for job_id in ("b1", "b3", "c1", "c2"):
+        assert await storage.get(job_id, at(1)) is None
+    assert await storage.list_pending(pending(), at(1)) == [existing]
+    # The storage goes on: the same batch without the clash goes in whole.
+    good = [new_job(job_id="b1"), new_job(job_id="b3")]
+    assert await storage.enqueue_many(good, at(2)) == [as_pending(spec, at(2)) for spec in good]
+
+
+async def test_enqueue_many_once_claims_the_key_then_replays_the_jobs(storage: Storage) -> None:
+    specs = [new_job(), new_job("sms", available_at=at(9)), new_job("push")]
+    ids = [spec.id for spec in specs]
+    first = await storage.enqueue_many_once(specs, at(1), idem("batch-1"))
+    assert first == EnqueuedBatch(ids, [as_pending(s, at(1)) for s in specs], created=True)
+    # Replays give each job in its current state, None where deleted since.
+    lease = await lease_of(storage, specs[0].id, at(2))
+    assert await storage.cancel(specs[1].id) == "deleted"
+    retry = [new_job(), new_job("sms"), new_job("push")]
+    again = await storage.enqueue_many_once(retry, at(3), idem("batch-1"))
+    expected = [lease.job, None, as_pending(specs[2], at(3))]
+    assert again == EnqueuedBatch(ids, expected, created=False, same_request=True)
+    other = await storage.enqueue_many_once(retry[:1], at(3), idem("batch-1", "fp-2"))
+    assert other == EnqueuedBatch(ids, expected, created=False, same_request=False)
+    for spec in retry:
+        assert await storage.get(spec.id, at(3)) is None
+    # Older than not_before: claimed afresh.
+    fresh = await storage.enqueue_many_once(retry, at(4), idem("batch-1", not_before=at(1, 1)))
+    assert fresh == EnqueuedBatch(
+        [spec.id for spec in retry], [as_pending(s, at(4)) for s in retry], created=True
+    )
+
+
+async def test_batch_keys_and_single_keys_are_separate(storage: Storage) -> None:
+    single = new_job()
+    assert (await storage.enqueue_once(single, T0, idem("shared"))).created
+    batch = [new_job(), new_job()]
+    outcome = await storage.enqueue_many_once(batch, T0, idem("shared"))
+    assert outcome == EnqueuedBatch(
+        [spec.id for spec in batch], [as_pending(s, T0) for s in batch], created=True
+    )
+    replay = await storage.enqueue_once(new_job(), at(1), idem("shared"))
+    assert replay == Enqueued(as_pending(single, at(1)), created=False)
+    replay_batch = await storage.enqueue_many_once([new_job()], at(1), idem("shared"))
+    assert replay_batch.created is False and replay_batch.ids == [spec.id for spec in batch]
+
+
+async def test_an_enqueue_many_once_that_raises_writes_nothing_and_leaves_its_key_unclaimed(
+    storage: Storage,
+) -> None:
+    taken = await put(storage)
+    batch = [new_job(job_id="x1"), new_job(job_id=taken.id)]
+    with pytest.raises(Exception) as raised:
+        await storage.enqueue_many_once(batch, at(1), idem("batch"))
+    assert not isinstance(raised.value, StorageUnavailable)
+    assert await storage.get("x1", at(1)) is None
+    good = [new_job(job_id="x1"), new_job(job_id="x2")]
+    outcome = await storage.enqueue_many_once(good, at(2), idem("batch"))
+    assert outcome == EnqueuedBatch(["x1", "x2"], [as_pending(s, at(2)) for s in good], True)
+
+
+async def test_prune_deletes_the_oldest_batch_keys_in_batches(storage: Storage) -> None:
+    old = at(-100)
+    assert (await storage.enqueue_once(new_job(job_id="s0"), at(0), idem("k0"))).created
+    for i in (3, 1, 2):
+        jobs = [new_job(job_id=f"b{i}a"), new_job(job_id=f"b{i}b")]
+        assert (await storage.enqueue_many_once(jobs, at(i), idem(f"k{i}"))).created
+    assert await storage.prune("batch_keys", at(3), 1) == 1  # k1, the oldest batch key
+    again = await storage.enqueue_many_once([new_job(job_id="n1")], at(10), idem("k1", "f", old))
+    assert again.created is True and again.ids == ["n1"]
+    kept = await storage.enqueue_many_once([new_job()], at(10), idem("k2", not_before=old))
+    assert kept.created is False and kept.ids == ["b2a", "b2b"]
+    assert await storage.prune("batch_keys", at(3), 5) == 1  # k2
+    assert await storage.prune("batch_keys", at(3), 5) == 0  # k3 is from at(3), not before
+    kept = await storage.enqueue_many_once([new_job()], at(11), idem("k3", not_before=old))
+    assert kept.created is False and kept.ids == ["b3a", "b3b"]
+    # The single key k0, older than all, was not touched by pruning batch keys; and the
+    # other way round.
+    single = await storage.enqueue_once(new_job(), at(11), idem("k0", not_before=old))
+    assert single.created is False and single.job is not None and single.job.id == "s0"
+    assert await storage.prune("idempotency_keys", at(100), 10) == 1
+    kept = await storage.enqueue_many_once([new_job()], at(12), idem("k3", not_before=old))
+    assert kept.created is False and kept.ids == ["b3a", "b3b"]
+    # Pruning keys leaves their jobs alone.
+    assert len(await storage.list_pending(pending(), at(12))) == 8
+
+
+# -- ack_many, fail_many, extend_many -----------------------------------------------------
+
+
+async def reserved_jobs(storage: Storage, count: int, prefix: str = "r") -> list[Lease]:
+    """`count` jobs of their own names, each leased at at(1): their leases, in order."""
+    leases = []
+    for i in range(count):
+        job = await put(storage, new_job(f"{prefix}{i}", job_id=f"{prefix}{i}", max_retries=i))
+        leases.append(await lease_of(storage, job.id, at(1)))
+    return leases
+
+
+def succeeded_from(lease: Lease, when: datetime) -> SucceededJob:
+    job = lease.job
+    return SucceededJob(
+        job.id, job.name, job.payload, job.attempts, job.created_at, job.available_at, when
+    )
+
+
+async def test_ack_many_acks_each_item_by_the_single_ack_rules_in_order(
+    storage: Storage,
+) -> None:
+    a0, a1, a2, a3 = await reserved_jobs(storage, 4)
+    assert await storage.release(a2.job.id, a2.id, at(1)) is not None
+    a2_again = await lease_of(storage, a2.job.id, at(1))  # a2's first lease is now stale
+    items = [
+        (a0.job.id, a0.id),  # good
+        (a2.job.id, a2.id),  # stale
+        ("unknown", "unknown.1"),  # unknown job
+        (a1.job.id, a3.id),  # another job's lease
+        (a3.job.id, a3.id),  # good
+        (a0.job.id, a0.id),  # the same pair again: done already
+        (a1.job.id, f"{a1.job.id}.2"),  # a lease never issued
+    ]
+    results = await storage.ack_many(items, at(2, 7))
+    assert results == [
+        succeeded_from(a0, at(2, 7)),
+        None,
+        None,
+        None,
+        succeeded_from(a3, at(2, 7)),
+        None,
+        None,
+    ]
+    assert [job.id for job in await storage.list_succeeded(history())] == sorted(
+        [a0.job.id, a3.job.id], reverse=True
+    )
+    assert await storage.get(a1.job.id, at(3)) == a1.job  # untouched, still reserved
+    assert await storage.get(a2.job.id, at(3)) == a2_again.job
+    assert await storage.ack_many([(a1.job.id, a1.id), (a2.job.id, a2_again.id)], at(4)) == [
+        succeeded_from(a1, at(4)),
+        succeeded_from(a2_again, at(4)),
+    ]
+    assert await storage.ack_many([], at(5)) == []
+
+
+async def test_fail_many_fails_each_item_with_its_own_decision(storage: Storage) -> None:
+    f0, f1, f2, f3 = await reserved_jobs(storage, 4, prefix="f")
+    assert await storage.release(f2.job.id, f2.id, at(1)) is not None
+    f2_again = await lease_of(storage, f2.job.id, at(1))
+    calls: list[list[tuple[int, int]]] = [[], [], [], [], []]
+    items = [
+        FailItem(f0.job.id, f0.id, "boom-0", give_up(calls[0])),  # max_retries 0: buried
+        FailItem(f1.job.id, f1.id, "boom-1", retry_at(at(50, 1), calls[1])),
+        FailItem(f2.job.id, f2.id, "late", give_up(calls[2])),  # stale
+        FailItem(f3.job.id, f3.id, "boom-3", retry_at(at(60, 3), calls[3])),
+        FailItem("unknown", "unknown.1", "who?", give_up(calls[4])),
+    ]
+    outcomes = await storage.fail_many(items, at(2, 2))
+    assert outcomes == [
+        Buried(
+            FailedJob(
+                "f0", "f0", f0.job.payload, 1, "boom-0", f0.job.created_at, f0.job.available_at,
+                at(2, 2),
+            )
+        ),
+        Retrying(
+            Job(
+                "f1", "f1", f1.job.payload, 1, 1, f1.job.created_at, at(50, 1), None, None,
+                "scheduled",
+            )
+        ),
+        None,
+        Retrying(
+            Job(
+                "f3", "f3", f3.job.payload, 1, 3, f3.job.created_at, at(60, 3), None, None,
+                "scheduled",
+            )
+        ),
+        None,
+    ]  # fmt: skip
+    # Each decision was asked once, about its own job; none for a refused item.
+    assert calls == [[(1, 0)], [(1, 1)], [], [(1, 3)], []]
+    buried, retried1, _, retried3, _ = outcomes
+    assert isinstance(buried, Buried) and isinstance(retried1, Retrying)
+    assert isinstance(retried3, Retrying)
+    assert await storage.list_failed(history()) == [buried.job]
+    assert await storage.get("f1", at(3)) == retried1.job
+    assert await storage.get("f3", at(3)) == retried3.job
+    assert await storage.get("f2", at(3)) == f2_again.job  # untouched, still reserved
+    assert await storage.fail_many([], at(4)) == []
+
+
+async def test_extend_many_extends_each_live_lease(storage: Storage) -> None:
+    e0, e1, e2 = await reserved_jobs(storage, 3, prefix="e")
+    assert await storage.release(e2.job.id, e2.id, at(1)) is not None
+    e2_again = await lease_of(storage, e2.job.id, at(2))
+    items = [
+        (e0.job.id, e0.id),
+        (e1.job.id, f"{e1.job.id}.7"),  # never issued
+        (e2.job.id, e2.id),  # stale
+        ("unknown", "unknown.1"),
+        (e1.job.id, e1.id),
+        (e0.job.id, e0.id),  # again: still live, the same expiry
+    ]
+    assert await storage.extend_many(items, at(100, 1)) == [True, False, False, False, True, True]
+    expiries = {e.job_id: e.expires_at for e in await storage.expired_leases(at(1000), 10)}
+    assert expiries == {"e0": at(100, 1), "e1": at(100, 1), "e2": e2_again.expires_at}
+    assert await storage.extend_many([], at(200)) == []
+
+
+# -- reserve with max_bytes ---------------------------------------------------------------
+
+
+async def test_reserve_with_max_bytes_stops_before_the_payloads_pass_it(storage: Storage) -> None:
+    # Bytes of UTF-8, not characters: 10, 10, 20 and 1 bytes (5, 10, 10 and 1 characters).
+    for i, payload in enumerate(["é" * 5, "a" * 10, "é" * 10, "x"]):
+        await put(storage, new_job(job_id=f"m{i}", payload=payload, available_at=at(0, i)))
+    leases = await storage.reserve(["email"], "w", 10, at(1), at(31), max_bytes=25)
+    assert [lease.job.id for lease in leases] == ["m0", "m1"]  # m2 would make 40 bytes
+    leases = await storage.reserve(["email"], "w", 10, at(1), at(31), max_bytes=20)
+    assert [lease.job.id for lease in leases] == ["m2"]  # exactly 20; m3 would make 21
+    assert [lease.job.id for lease in await reserve(storage, now=at(1))] == ["m3"]
+
+
+async def test_reserve_with_max_bytes_leases_at_least_one_and_never_skips_ahead(
+    storage: Storage,
+) -> None:
+    await put(storage, new_job(job_id="big", payload="b" * 100, available_at=at(1)))
+    await put(storage, new_job(job_id="small", payload="s", available_at=at(2)))
+    for job_id in ("big", "small"):
+        leases = await storage.reserve(["email"], "w", 10, at(5), at(35), max_bytes=10)
+        assert [lease.job.id for lease in leases] == [job_id]
+    for i in range(3):
+        await put(storage, new_job(job_id=f"tiny{i}", payload="t", available_at=at(3, i)))
+    leases = await storage.reserve(["email"], "w", 2, at(5), at(35), max_bytes=1000)
+    assert [lease.job.id for lease in leases] == ["tiny0", "tiny1"]  # max_jobs still counts
+    leases = await storage.reserve(["email", "sms"], "w", 10, at(5), at(35), max_bytes=None)
+    assert [lease.job.id for lease in leases] == ["tiny2"]
+
+
+async def test_reserve_with_max_bytes_counts_empty_payloads_as_leased_already(
+    storage: Storage,
+) -> None:
+    """Once a job is leased (even one with an empty payload), the next one goes only if it
+    keeps the total within max_bytes."""
+    await put(storage, new_job(job_id="empty", payload="", available_at=at(1)))
+    await put(storage, new_job(job_id="big", payload="b" * 100, available_at=at(2)))
+    leases = await storage.reserve(["email"], "w", 10, at(5), at(35), max_bytes=10)
+    assert [lease.job.id for lease in leases] == ["empty"]  # "big" would make 100 bytes
+
+
+# -- writes -------------------------------------------------------------------------------
+
+
+async def test_writes_counts_committed_writes_by_kind(storage: Storage) -> None:
+    assert isinstance(storage.writes, Counter)
+    before = Counter(storage.writes)
+    job = await put(storage)
+    lease = await lease_of(storage, job.id)
+    assert await storage.ack(job.id, lease.id, at(1)) is not None
+    grown = Counter(storage.writes)
+    grown.subtract(before)
+    assert +grown == Counter({"enqueue": 1, "reserve": 1, "ack": 1})
+    # Reads are not writes.
+    snapshot = Counter(storage.writes)
+    assert isinstance(await storage.get(job.id, at(1)), SucceededJob)
+    await storage.list_succeeded(history())
+    await storage.list_pending(pending(), at(1))
+    await storage.earliest("email")
+    await storage.lease_position(job.id)
+    await storage.expired_leases(at(1), 10)
+    assert storage.writes == snapshot

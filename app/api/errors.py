@@ -8,8 +8,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from app.api import render
 from app.api.limits import BodyTooLarge
-from app.api.schemas import ErrorOut, ValidationErrorOut
+from app.api.schemas import ConflictOut, ErrorOut, ValidationErrorOut
 from app.queue.errors import (
     Conflict,
     Forbidden,
@@ -40,7 +41,7 @@ _DESCRIPTIONS = {
     403: "The API token lacks the scope this operation needs.",
     404: "Unknown job or lease.",
     409: "The job's current state forbids this, or the job an Idempotency-Key names is gone "
-    "(details in `detail`).",
+    "(details in `detail`, the reason in `code`).",
     413: "The payload or the request body is over the configured size limit.",
     422: "Invalid input: malformed JSON, a wrong type, an out-of-range value or an unknown field.",
     503: "The database is unavailable, or too many long polls are open; retry after "
@@ -52,7 +53,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route can answer, so clients know them."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in (*statuses, 401, 403, 422, 503):
-        model = ValidationErrorOut if status == 422 else ErrorOut
+        model = {422: ValidationErrorOut, 409: ConflictOut}.get(status, ErrorOut)
         out[status] = {"model": model, "description": _DESCRIPTIONS[status]}
     return out
 
@@ -71,6 +72,8 @@ async def queue_error(_request: Request, exc: Exception) -> JSONResponse:
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     body: dict[str, Any] = {"detail": exc.detail}
+    if isinstance(exc, Conflict):
+        body = render.refusal(exc, status)
     if status == 422:  # the same shape as every other 422
         loc, kind = list(getattr(exc, "field", ())), getattr(exc, "kind", "invalid")
         body["errors"] = [{"loc": loc, "msg": exc.detail, "type": kind}]

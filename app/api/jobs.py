@@ -4,18 +4,22 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Response
 
+from app.api import render
 from app.api.auth import require
 from app.api.deps import Service
 from app.api.errors import responses
 from app.api.schemas import (
     AnyJobOut,
+    EnqueueBatchRequest,
     EnqueueRequest,
     FailedJobPage,
     JobOut,
     JobPage,
+    JobsOut,
     SucceededJobPage,
 )
 from app.queue.models import AnyJob, Job
+from app.queue.service import JobSpec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -48,6 +52,7 @@ JobId = Annotated[str, Path(description="The job id.")]
     operation_id="enqueue_job",
     dependencies=[require("enqueue")],
     summary="Enqueue a job",
+    response_model=AnyJobOut,
     response_description="The job, pending. `Location` names its URL.",
     responses={
         200: {
@@ -60,10 +65,9 @@ JobId = Annotated[str, Path(description="The job id.")]
 )
 async def enqueue_job(
     body: EnqueueRequest,
-    response: Response,
     service: Service,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> AnyJobOut:
+) -> Response:
     """Commit a job (a 201 means it is durable). Availability is now unless `available_at`
     or `available_in_ms` is given. With an `Idempotency-Key` seen before (within the
     window, 24 h by default), the same body gets the original job back with a 200, in
@@ -76,9 +80,46 @@ async def enqueue_job(
         body.available_in_ms,
         idempotency_key,
     )
-    response.status_code = 201 if created else 200
-    response.headers["Location"] = f"/jobs/{job.id}"
-    return job  # type: ignore[return-value]
+    return render.json(render.job(job), 201 if created else 200, Location=f"/jobs/{job.id}")
+
+
+@router.post(
+    "/batch",
+    status_code=201,
+    operation_id="enqueue_jobs",
+    dependencies=[require("enqueue")],
+    summary="Enqueue up to 1,000 jobs at once",
+    response_model=JobsOut,
+    response_description="The jobs, pending, in request order.",
+    responses={
+        200: {
+            "model": JobsOut,
+            "description": "A retry with an Idempotency-Key already used for the same batch: "
+            "the original jobs in their current state; one deleted since shows as "
+            '`{"id", "state": "deleted"}`.',
+        },
+        **responses(413),
+    },
+)
+async def enqueue_jobs(
+    body: EnqueueBatchRequest,
+    service: Service,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    """All or nothing, in one transaction: any invalid item is a 422 that names its index
+    (`body.jobs.17.available_in_ms: ...`), a payload over the limit a 413 that names it.
+    An `Idempotency-Key` covers the whole batch, in a key space of its own (apart from
+    `POST /jobs`)."""
+    specs = [
+        JobSpec(j.name, j.payload, j.max_retries, j.available_at, j.available_in_ms)
+        for j in body.jobs
+    ]
+    jobs, created = await service.enqueue_batch(specs, idempotency_key)
+    rendered = [
+        render.job(job) if job is not None else {"id": job_id, "state": "deleted"}
+        for job_id, job in jobs
+    ]
+    return render.json({"jobs": rendered}, 201 if created else 200)
 
 
 @router.get(

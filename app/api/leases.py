@@ -1,45 +1,56 @@
-"""/leases: workers reserve jobs (long-polling), then ack, fail, extend or release them."""
+"""/leases: workers reserve jobs (long-polling), then ack, fail, extend or release them,
+one at a time or up to 1,000 in one call."""
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 
+from app.api import render
 from app.api.auth import require
 from app.api.deps import Service
-from app.api.errors import responses
+from app.api.errors import responses, status_of
 from app.api.schemas import (
-    BuriedOut,
+    AckResultsOut,
+    ExtendBatchRequest,
     ExtendOut,
     ExtendRequest,
-    FailedJobOut,
+    ExtendResultsOut,
+    FailBatchRequest,
     FailOut,
     FailRequest,
-    JobOut,
-    LeaseOut,
+    FailResultsOut,
+    LeaseIdsRequest,
     LeaseRequest,
     LeasesOut,
-    RetryingOut,
     SucceededJobOut,
 )
-from app.queue.models import Retrying
 
 router = APIRouter(prefix="/leases", tags=["leases"], dependencies=[require("work")])
 
 LeaseId = Annotated[str, Path(description="The lease id from POST /leases.")]
 FENCED = responses(404, 409)
+BATCH = responses()
+
+
+def _results(ids: list[str], results: list[Any], ok: Callable[[Any], dict[str, Any]]) -> Response:
+    items = [render.item(i, r, status_of, ok) for i, r in zip(ids, results, strict=True)]
+    return render.json({"results": items})
 
 
 @router.post(
     "",
     operation_id="lease_jobs",
     summary="Reserve jobs (long poll)",
+    response_model=LeasesOut,
     response_description="The leases granted; an empty list when the wait ended with none.",
     responses=responses(),
 )
-async def lease_jobs(body: LeaseRequest, request: Request, service: Service) -> LeasesOut:
-    """Reserve up to `max_jobs` available jobs of `names`, oldest first. With none available,
-    wait up to `wait_ms` and answer as soon as one is enqueued or comes due, or with an empty
-    list when the wait ends."""
+async def lease_jobs(body: LeaseRequest, request: Request, service: Service) -> Response:
+    """Reserve up to `max_jobs` (1..1,000) available jobs of `names`, oldest first. With none
+    available, wait up to `wait_ms` and answer as soon as one is enqueued or comes due, or
+    with an empty list when the wait ends. Fewer leases come back when their payloads would
+    pass `BGJOBS_MAX_RESPONSE_BYTES`, but always at least one when one is ready."""
     leases = await service.lease(
         body.worker_id,
         body.names,
@@ -48,48 +59,98 @@ async def lease_jobs(body: LeaseRequest, request: Request, service: Service) -> 
         body.lease_ms,
         gone=request.is_disconnected,
     )
-    return LeasesOut(leases=[LeaseOut.model_validate(lease) for lease in leases])
+    return render.json({"leases": [render.lease(lease) for lease in leases]})
+
+
+@router.post(
+    "/ack",
+    operation_id="ack_leases",
+    summary="Many jobs succeeded",
+    response_model=AckResultsOut,
+    response_description="One result per id, in request order: the succeeded job (status "
+    "200) or why not (404 or 409 with `code`).",
+    responses=BATCH,
+)
+async def ack_leases(body: LeaseIdsRequest, service: Service) -> Response:
+    """Each id by the rules of `POST /leases/{id}/ack`, all in one transaction. A repeated
+    id is a 422 and changes nothing."""
+    return _results(
+        body.ids, await service.ack_many(body.ids), lambda done: {"job": render.job(done)}
+    )
+
+
+@router.post(
+    "/fail",
+    operation_id="fail_leases",
+    summary="Many jobs failed",
+    response_model=FailResultsOut,
+    response_description="One result per item, in request order: `outcome` and `job` "
+    "(status 200) or why not (404 or 409 with `code`).",
+    responses=BATCH,
+)
+async def fail_leases(body: FailBatchRequest, service: Service) -> Response:
+    """Each item by the rules of `POST /leases/{id}/fail`, all in one transaction."""
+    items = [(item.id, item.exception, item.retry_in_ms) for item in body.items]
+    results = await service.fail_many(items)
+    return _results([item.id for item in body.items], results, render.fail_outcome)
+
+
+@router.post(
+    "/extend",
+    operation_id="extend_leases",
+    summary="Heartbeat for many leases",
+    response_model=ExtendResultsOut,
+    response_description="One result per id, in request order: the new `expires_at` "
+    "(status 200) or why not (404 or 409 with `code`).",
+    responses=BATCH,
+)
+async def extend_leases(body: ExtendBatchRequest, service: Service) -> Response:
+    """For a worker holding many leases: each one that is still live now ends `lease_ms`
+    from now, by the rules of `POST /leases/{id}/extend`."""
+    return _results(body.ids, await service.extend_many(body.ids, body.lease_ms), render.expiry)
 
 
 @router.post(
     "/{lease_id}/ack",
     operation_id="ack_lease",
     summary="The job succeeded",
+    response_model=SucceededJobOut,
     response_description="The job, now succeeded.",
     responses=FENCED,
 )
-async def ack_lease(lease_id: LeaseId, service: Service) -> SucceededJobOut:
-    """Moves the job to the succeeded jobs, keeping its id."""
-    return SucceededJobOut.model_validate(await service.ack(lease_id))
+async def ack_lease(lease_id: LeaseId, service: Service) -> Response:
+    """Moves the job to the succeeded jobs, keeping its id. A repeated ack with the lease
+    that finished the job is a 409 with code `finished_by_this_lease` and the job."""
+    return render.json(render.job(await service.ack(lease_id)))
 
 
 @router.post(
     "/{lease_id}/fail",
     operation_id="fail_lease",
     summary="The job failed",
+    response_model=FailOut,
     response_description="`retrying` with the pending job, or `failed` with the failed job.",
     responses=FENCED,
 )
-async def fail_lease(lease_id: LeaseId, body: FailRequest, service: Service) -> FailOut:
+async def fail_lease(lease_id: LeaseId, body: FailRequest, service: Service) -> Response:
     """With retries left the job is pending again after `retry_in_ms` or the default backoff;
     otherwise it moves to the failed jobs with the exception text."""
     outcome = await service.fail(lease_id, body.exception, body.retry_in_ms)
-    if isinstance(outcome, Retrying):
-        return RetryingOut(job=JobOut.model_validate(outcome.job))
-    return BuriedOut(job=FailedJobOut.model_validate(outcome.job))
+    return render.json(render.fail_outcome(outcome))
 
 
 @router.post(
     "/{lease_id}/extend",
     operation_id="extend_lease",
     summary="Heartbeat",
+    response_model=ExtendOut,
     response_description="The lease and its new expiry.",
     responses=FENCED,
 )
-async def extend_lease(lease_id: LeaseId, body: ExtendRequest, service: Service) -> ExtendOut:
+async def extend_lease(lease_id: LeaseId, body: ExtendRequest, service: Service) -> Response:
     """The lease now expires `lease_ms` from now."""
     expires_at = await service.extend(lease_id, body.lease_ms)
-    return ExtendOut(id=lease_id, expires_at=expires_at)
+    return render.json({"id": lease_id, **render.expiry(expires_at)})
 
 
 @router.delete(

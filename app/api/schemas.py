@@ -221,7 +221,11 @@ class LeaseRequest(StrictBody):
         min_length=1, max_length=100, strict=True, description="The job names this worker handles."
     )
     max_jobs: Annotated[int, Integral] = strict_int(
-        1, 100, default=1, description="Reserve up to this many jobs."
+        1,
+        1000,
+        default=1,
+        description="Reserve up to this many jobs. Fewer come back when their payloads would "
+        "pass BGJOBS_MAX_RESPONSE_BYTES (8 MiB), but at least one when one is ready.",
     )
     wait_ms: Annotated[int, Integral] = strict_int(
         0, 60_000, default=0, description="Long poll: wait up to this long for a job."
@@ -232,6 +236,109 @@ class LeaseRequest(StrictBody):
         default=30_000,
         description="The lease expires this long after it is granted unless extended.",
     )
+
+
+class EnqueueBatchRequest(StrictBody):
+    """Up to 1,000 jobs, committed together or not at all."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "jobs": [
+                        {"name": "send_email", "payload": '{"to": "ada@example.com"}'},
+                        {"name": "send_email", "payload": '{"to": "bob@example.com"}'},
+                        {"name": "report.daily", "payload": "2026-11-28", "available_in_ms": 60000},
+                    ]
+                }
+            ]
+        }
+    )
+
+    jobs: list[EnqueueRequest] = Field(
+        min_length=1, max_length=1000, strict=True, description="1 to 1,000 jobs."
+    )
+
+
+def _distinct(ids: list[str], field: str) -> list[str]:
+    seen: set[str] = set()
+    for lease_id in ids:
+        if lease_id in seen:
+            raise ValueError(f"lease id {lease_id!r} is repeated: each may appear once in {field}")
+        seen.add(lease_id)
+    return ids
+
+
+LeaseIdIn = Annotated[
+    str,
+    Field(min_length=1, max_length=255, strict=True, examples=[EXAMPLE_LEASE_ID]),
+]
+
+
+class LeaseIdsRequest(StrictBody):
+    """1 to 1,000 distinct lease ids."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"ids": [EXAMPLE_LEASE_ID]}]})
+
+    ids: list[LeaseIdIn] = Field(
+        min_length=1, max_length=1000, strict=True, description="1 to 1,000 distinct lease ids."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_ids(self) -> "LeaseIdsRequest":
+        _distinct(self.ids, "ids")
+        return self
+
+
+class ExtendBatchRequest(LeaseIdsRequest):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"ids": [EXAMPLE_LEASE_ID], "lease_ms": 60000}]}
+    )
+
+    lease_ms: Annotated[int, Integral] = strict_int(
+        1000, 86_400_000, description="Each lease now ends this long from now."
+    )
+
+
+class FailItemRequest(StrictBody):
+    id: LeaseIdIn
+    exception: Annotated[str, NoNul, AfterValidator(_exception_size)] = Field(
+        max_length=65536,
+        strict=True,
+        description="What went wrong (up to 64 KiB of UTF-8).",
+        json_schema_extra={"pattern": NO_NUL_PATTERN},
+    )
+    retry_in_ms: Annotated[int | None, Integral] = strict_int(
+        0,
+        2_592_000_000,
+        default=None,
+        description="Retry after this long instead of the default exponential backoff.",
+    )
+
+
+class FailBatchRequest(StrictBody):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {"id": EXAMPLE_LEASE_ID, "exception": "SMTP timeout"},
+                        {"id": EXAMPLE_JOB_ID[:-1] + "b.2", "exception": "bad address",
+                         "retry_in_ms": 0},
+                    ]
+                }
+            ]
+        }
+    )  # fmt: skip
+
+    items: list[FailItemRequest] = Field(
+        min_length=1, max_length=1000, strict=True, description="1 to 1,000 distinct leases."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_ids(self) -> "FailBatchRequest":
+        _distinct([item.id for item in self.items], "items")
+        return self
 
 
 class FailRequest(StrictBody):
@@ -417,6 +524,44 @@ class ErrorOut(BaseModel):
     detail: str = Field(examples=["job '0193' not found"])
 
 
+CONFLICT_CODES = (
+    "finished_by_this_lease",
+    "finished_by_another_lease",
+    "leased_again",
+    "released",
+    "expired",
+    "conflict",
+)
+CODE_DESCRIPTION = (
+    "Why: `not_found` (never issued), `finished_by_this_lease` (this very lease already "
+    "finished the job: a retried ack or fail can treat it as done; `job` is the finished "
+    "job), `finished_by_another_lease`, `leased_again`, `released`, `expired` (put back in "
+    "the queue), or `conflict` (any other state conflict)."
+)
+
+
+class ConflictOut(BaseModel):
+    """A 409: the job's state forbids the change, and `code` says why."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "detail": f"cannot ack lease '{EXAMPLE_LEASE_ID}': job {EXAMPLE_JOB_ID} has "
+                    "been leased again since",
+                    "code": "leased_again",
+                }
+            ]
+        }
+    )
+
+    detail: str
+    code: Literal[CONFLICT_CODES] = Field(description=CODE_DESCRIPTION)  # type: ignore[valid-type]
+    job: AnyJobOut | None = Field(
+        default=None, description="With `finished_by_this_lease`: the job as it finished."
+    )
+
+
 class FieldError(BaseModel):
     loc: list[str | int]
     msg: str
@@ -430,3 +575,60 @@ class ValidationErrorOut(BaseModel):
 
 class Status(BaseModel):
     status: str = Field(examples=["ok"])
+
+
+class DeletedJobOut(BaseModel):
+    """A job of a replayed batch that has been deleted since."""
+
+    id: str
+    state: Literal["deleted"] = "deleted"
+
+
+class JobsOut(BaseModel):
+    """The batch's jobs in request order (a replay shows each in its current state)."""
+
+    jobs: list[Annotated[JobOut | SucceededJobOut | FailedJobOut | DeletedJobOut,
+                         Field(discriminator="state")]]  # fmt: skip
+
+
+class ItemErrorOut(BaseModel):
+    """One item of a batch that was refused, by the rules of the single call."""
+
+    id: str
+    status: Literal[404, 409]
+    code: Literal[("not_found", *CONFLICT_CODES)] = Field(description=CODE_DESCRIPTION)  # type: ignore[valid-type]
+    detail: str
+    job: AnyJobOut | None = Field(
+        default=None, description="With `finished_by_this_lease`: the job as it finished."
+    )
+
+
+class AckItemOut(BaseModel):
+    id: str
+    status: Literal[200]
+    job: SucceededJobOut
+
+
+class FailItemOut(BaseModel):
+    id: str
+    status: Literal[200]
+    outcome: Literal["retrying", "failed"]
+    job: JobOut | FailedJobOut
+
+
+class ExtendItemOut(BaseModel):
+    id: str
+    status: Literal[200]
+    expires_at: Timestamp
+
+
+class AckResultsOut(BaseModel):
+    results: list[AckItemOut | ItemErrorOut] = Field(description="One per id, in request order.")
+
+
+class FailResultsOut(BaseModel):
+    results: list[FailItemOut | ItemErrorOut] = Field(description="One per item, in request order.")
+
+
+class ExtendResultsOut(BaseModel):
+    results: list[ExtendItemOut | ItemErrorOut] = Field(description="One per id, in request order.")

@@ -154,8 +154,10 @@ class Enqueued:
 @dataclass(slots=True, frozen=True)
 class EnqueuedBatch:
     """What a batch enqueue under an idempotency key did: created the jobs, or found the
-    key's earlier use (each job in its current state, None where deleted since)."""
+    key's earlier use (`ids` in request order; each job in its current state, None where
+    deleted since)."""
 
+    ids: list[str]
     jobs: list[AnyJob | None]
     created: bool
     same_request: bool = True

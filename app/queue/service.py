@@ -179,25 +179,26 @@ class QueueService:
 
     async def enqueue_batch(
         self, specs: Sequence[JobSpec], idempotency_key: str | None = None
-    ) -> tuple[list[AnyJob | None], bool]:
-        """All of them in one transaction, or none. With an idempotency key seen within the
-        window, the first batch's jobs come back in their current state (None if deleted)."""
+    ) -> tuple[list[tuple[str, AnyJob | None]], bool]:
+        """All of them in one transaction, or none; (id, job) in request order. With an
+        idempotency key seen within the window, the first batch's jobs come back in their
+        current state (None where deleted since)."""
         for index, spec in enumerate(specs):
             self._check_size(spec.payload, f"jobs.{index}.payload")
         now = self.clock.now()
         news = [self._new_job(spec, now) for spec in specs]
         if idempotency_key is None:
-            jobs: list[AnyJob | None] = list(await self.storage.enqueue_many(news, now))
-        else:
-            key = self._key(idempotency_key, specs, now)
-            done = await self.storage.enqueue_many_once(news, now, key)
-            if not done.same_request:
-                raise self._reused(idempotency_key)
-            if not done.created:
-                return done.jobs, False
-            jobs = done.jobs
-        self._announce_all(news, now)
-        return jobs, True
+            jobs = await self.storage.enqueue_many(news, now)
+            self._announce_all(news, now)
+            return [(job.id, job) for job in jobs], True
+        done = await self.storage.enqueue_many_once(
+            news, now, self._key(idempotency_key, specs, now)
+        )
+        if not done.same_request:
+            raise self._reused(idempotency_key)
+        if done.created:
+            self._announce_all(news, now)
+        return list(zip(done.ids, done.jobs, strict=True)), done.created
 
     def _check_size(self, payload: str, where: str) -> None:
         size = len(payload.encode())

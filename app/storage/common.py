@@ -257,7 +257,7 @@ class SqlStorage:
         query = (
             select(jobs.c.available_at)
             .where(jobs.c.name == name, jobs.c.reserved_at.is_(None))
-            .order_by(jobs.c.available_at)
+            .order_by(jobs.c.name, jobs.c.available_at)  # the order of ix_jobs_ready
             .limit(1)
         )
         async with self._read() as conn:

@@ -247,10 +247,13 @@ def enqueue_many_once(
         used = _claim(conn, key, now, ",".join(job.id for job in jobs), batch=True)
         if used is None:
             _insert_jobs(conn, jobs)
-            results.append(EnqueuedBatch([new_job(job, now) for job in jobs], created=True))
+            created = [new_job(job, now) for job in jobs]
+            results.append(EnqueuedBatch([job.id for job in jobs], list(created), created=True))
         else:
-            found = [_get(conn, job_id, now) for job_id in used[1].split(",")]
-            results.append(EnqueuedBatch(found, False, same_request=used[0] == key.fingerprint))
+            ids = used[1].split(",")
+            found = [_get(conn, job_id, now) for job_id in ids]
+            same = used[0] == key.fingerprint
+            results.append(EnqueuedBatch(ids, found, created=False, same_request=same))
     return results
 
 

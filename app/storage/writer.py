@@ -93,7 +93,11 @@ class Writer:
                 self._ready.clear()
                 await self._ready.wait()
             group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
-            await self._commit(group)
+            try:
+                await self._commit(group)
+            except Exception as exc:  # a bug here must not stop every later write
+                log.exception("the writer failed on a group of %d writes", len(group))
+                _answer(group, exc)
 
     async def _commit(self, group: list[Op]) -> None:
         try:

@@ -1,0 +1,130 @@
+"""Idle long polls cost nothing: once parked they write nothing, and a job that comes due
+wakes its waiter by the due timer, never by a late recheck (the missed-wake race)."""
+
+import asyncio
+import random
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.queue.service import QueueService
+from app.settings import Settings
+
+MAINTENANCE = ("prune",)  # the pruner's writes do not count; the reaper has nothing to do
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    # A recheck slower than every wait here: only a wake can answer a poll.
+    return Settings(database_url=db_url, reaper_interval_ms=50, poll_recheck_ms=60_000)
+
+
+def writes(service: QueueService) -> Counter[str]:
+    counted = Counter(service.storage.writes)
+    for kind in MAINTENANCE:
+        counted.pop(kind, None)
+    return counted
+
+
+async def parked(service: QueueService, count: int) -> None:
+    for _ in range(500):
+        if service._waiting >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"only {service._waiting} of {count} polls parked")
+
+
+async def test_100_parked_polls_write_nothing_for_2_seconds(
+    client: httpx.AsyncClient, service: QueueService
+) -> None:
+    body = {"worker_id": "w", "names": ["idle"], "wait_ms": 10_000}
+    polls = [asyncio.create_task(client.post("/leases", json=body)) for _ in range(100)]
+    await parked(service, 100)
+    before = writes(service)
+    await asyncio.sleep(2)
+    assert writes(service) == before  # not one reserve, not one write of any kind
+    assert before["reserve"] <= 100  # each poll looked at most once before it parked
+
+    job = (await client.post("/jobs", json={"name": "idle", "payload": "x"})).json()
+    done, _ = await asyncio.wait(polls, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    [answer] = [task.result().json() for task in done]
+    assert [lease["job"]["id"] for lease in answer["leases"]] == [job["id"]]
+    service.stop_waiting()
+    rest = [(await task).json() for task in polls if task not in done]
+    assert rest == [{"leases": []}] * 99
+
+
+async def wait_for_due_job(client: httpx.AsyncClient, name: str, delay_ms: int) -> list[Any]:
+    """A poll waits on `name`; a job of it is enqueued to come due in `delay_ms`."""
+    body = {"worker_id": "w", "names": [name], "wait_ms": delay_ms + 3000}
+    poll = asyncio.create_task(client.post("/leases", json=body))
+    await asyncio.sleep(0.02)
+    job = {"name": name, "payload": "x", "available_in_ms": delay_ms}
+    enqueued = await client.post("/jobs", json=job)
+    assert enqueued.status_code == 201, enqueued.text
+    leases: list[Any] = (await poll).json()["leases"]
+    assert [lease["job"]["id"] for lease in leases] == [enqueued.json()["id"]], (
+        f"a job due in {delay_ms} ms did not wake its poll within {delay_ms + 3000} ms"
+    )
+    return leases
+
+
+async def test_due_jobs_wake_their_polls_in_process(client: httpx.AsyncClient) -> None:
+    rand = random.Random(7)
+    for round_ in range(3):
+        names = [f"due-{round_}-{i}" for i in range(20)]
+        await asyncio.gather(
+            *(wait_for_due_job(client, name, rand.randint(20, 700)) for name in names)
+        )
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_due_jobs_wake_their_polls_on_a_real_server(
+    server_process: Any, db_url: str
+) -> None:
+    """The missed wake: a loop timer may fire a hair before the job's due time by the wall
+    clock; the poll then found nothing and slept until the next recheck. With the recheck
+    at 60 s, a missed wake here is a poll that ends empty."""
+    env = {"BGJOBS_POLL_RECHECK_MS": "60000"}
+    rand = random.Random(11)
+    with server_process(database_url=db_url, env=env) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            for round_ in range(5):
+                names = [f"due-{round_}-{i}" for i in range(20)]
+                await asyncio.gather(
+                    *(wait_for_due_job(client, name, rand.randint(20, 700)) for name in names)
+                )
+
+
+def data_version(path: Path, conn: sqlite3.Connection) -> int:
+    """Bumped each time another connection commits to the file: a count of write
+    transactions that no code of ours can fake."""
+    version: int = conn.execute("PRAGMA data_version").fetchone()[0]
+    return version
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_parked_polls_commit_nothing_to_the_file_of_a_real_server(
+    server_process: Any, db_url: str
+) -> None:
+    path = Path(db_url.split("///", 1)[1])
+    env = {"BGJOBS_PRUNE_INTERVAL_S": "3600", "BGJOBS_POLL_RECHECK_MS": "500"}
+    with server_process(database_url=db_url, env=env) as server:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=200)
+        ) as client:
+            body = {"worker_id": "w", "names": ["idle"], "wait_ms": 5000}
+            polls = [asyncio.create_task(client.post("/leases", json=body)) for _ in range(100)]
+            await asyncio.sleep(1.5)
+            with sqlite3.connect(path) as conn:
+                before = data_version(path, conn)
+                await asyncio.sleep(2)  # four rechecks of the name: reads only
+                assert data_version(path, conn) == before
+            job = (await client.post("/jobs", json={"name": "idle", "payload": "x"})).json()
+            answers = [(await poll).json()["leases"] for poll in polls]
+    got = [lease["job"]["id"] for leases in answers for lease in leases]
+    assert got == [job["id"]]
