@@ -1,14 +1,17 @@
 """Wires settings, storage, notifier, service and routes into the ASGI app `app.main:app`."""
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.api import errors, health, jobs, leases
 from app.api.auth import parse_tokens
+from app.api.body import with_documented_bodies
 from app.api.limits import BodyLimit
 from app.queue.clock import Clock, SystemClock
 from app.queue.notifier import Notifier
@@ -70,6 +73,10 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             ),
         ]
         undo_signals = on_stop_signal(service.stop_waiting)
+        # Everything built so far lives as long as the process: keep the cyclic garbage
+        # collector from scanning it again and again under load (profiled: a quarter of
+        # a request's CPU went to collections over these objects).
+        gc.freeze()
         try:
             yield
         finally:
@@ -92,6 +99,14 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     for module in (jobs, leases, health):
         app.include_router(module.router)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = with_documented_bodies(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -84,6 +84,9 @@ class Children:
         self._live.append(process)
         return process
 
+    def live(self) -> list[subprocess.Popen[bytes]]:
+        return [process for process in self._live if process.poll() is None]
+
     def stop(self, process: subprocess.Popen[bytes], timeout: float = 15) -> None:
         """SIGTERM (a server then answers its long polls and exits), SIGKILL if it lingers."""
         if process.poll() is None:

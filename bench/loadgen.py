@@ -158,7 +158,7 @@ async def pickup(args: argparse.Namespace) -> dict[str, Any]:
             status, answer = await post(worker, "/leases", lease)
             return time.perf_counter(), status, answer
 
-        cpu = cpu_now()
+        cpu, start = cpu_now(), time.perf_counter()
         for sample in range(args.warmup + args.samples):
             waiting = asyncio.create_task(wait_lease())
             await asyncio.sleep(args.settle_ms / 1000)  # the poll reaches the server and parks
@@ -185,6 +185,7 @@ async def pickup(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "latencies_ms": latencies,
         "enqueue_ms": enqueues,
+        "seconds": time.perf_counter() - start,
         "cpu": cpu_now() - cpu,
         **result_of(tally),
     }
@@ -262,13 +263,18 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
             if status != 201:
                 tally.error(f"{url} POST /jobs: {status} {answer}")
 
-        cpu = cpu_now()
+        cpu, start = cpu_now(), time.perf_counter()
         await alternate(args.url, args.warmup, lambda url: one(url, False), tally)
         await alternate(args.url, args.cycles, lambda url: one(url, True), tally)
     finally:
         for client in clients.values():
             await client.close()
-    return {"latencies_ms": timings, "cpu": cpu_now() - cpu, **result_of(tally)}
+    return {
+        "latencies_ms": timings,
+        "seconds": time.perf_counter() - start,
+        "cpu": cpu_now() - cpu,
+        **result_of(tally),
+    }
 
 
 async def alternate(

@@ -59,6 +59,27 @@ def own_cpu_seconds() -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
+def busy_share(seconds: float = 3) -> float:
+    """Share of all cores that other processes keep busy over `seconds`, this one excluded."""
+    busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    used = busy_cpu_seconds() - busy - (own_cpu_seconds() - own)
+    return max(used, 0.0) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
+
+
+def wait_for_quiet(limit_s: float, threshold: float = 0.10) -> str:
+    """Wait up to `limit_s` until other processes use at most `threshold` of the machine (on a
+    shared machine, another engineer's test run can halve every figure)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        share = busy_share()
+        if share <= threshold:
+            return f"waited for a quiet machine: other processes at {share:.0%} at start"
+        if time.monotonic() >= deadline:
+            return f"gave up waiting for a quiet machine after {limit_s:g} s ({share:.0%} busy)"
+        print(f"waiting for a quiet machine: other processes at {share:.0%}", flush=True)
+
+
 def code_under_test() -> str:
     """The commit, and whether app/ has changes not committed yet (read-only git calls)."""
 

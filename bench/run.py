@@ -58,6 +58,7 @@ from machine import (
     describe_machine,
     load_average,
     own_cpu_seconds,
+    wait_for_quiet,
     workdir_parent,
 )
 from report import Report, Row
@@ -140,7 +141,9 @@ TARGETS = {"sqlite": Targets(0.8, 10_000, 50_000), "postgres": Targets(0.5, 5_00
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
     """Flags override the chosen preset one count at a time."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument(
+        "--backend", choices=("sqlite", "postgres"), default="sqlite", help="default sqlite"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, about 2 minutes")
     parser.add_argument(
         "--pg-core",
@@ -148,6 +151,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
         choices=(0, 1),
         default=0,
         help="core PostgreSQL is pinned to: 0 shares the server's (default), 1 the generators'",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before starting, wait up to this long until other processes use at most 10%% of "
+        "the machine (default 0: start at once)",
     )
     for name, text in HELP.items():
         kind = type(getattr(FULL, name))
@@ -257,6 +268,7 @@ class Wrk:
     p50_ms: float
     p99_ms: float
     cpu: float  # wrk's share of its core
+    others: float  # other processes' share of the whole machine meanwhile
 
 
 @dataclass(slots=True)
@@ -284,12 +296,36 @@ class Bench:
         return self.backend.postmaster_pid() if isinstance(self.backend, PostgresBackend) else None
 
 
+def ours_cpu(bench: Bench) -> float:
+    """CPU used so far by this run: the script, its ended children, its live ones and the
+    PostgreSQL server it started."""
+    total = own_cpu_seconds()
+    for process in bench.children.live():
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(process.pid)
+    postgres = bench.postgres_pid()
+    return total + (tree_cpu_seconds(postgres) if postgres else 0.0)
+
+
+def others_meter(bench: Bench) -> Callable[[], float]:
+    """Starts counting the CPU that processes not of this run use (another engineer's tests,
+    say); the function returned gives their share of the whole machine since then. They
+    compete with the server for its core, so a figure taken while they ran is low."""
+    busy, ours, start = busy_cpu_seconds(), ours_cpu(bench), time.perf_counter()
+
+    def share() -> float:
+        used = busy_cpu_seconds() - busy - (ours_cpu(bench) - ours)
+        return max(used, 0.0) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
+
+    return share
+
+
 def run_wrk(bench: Bench, url: str, name: str, seconds: float) -> Wrk:
     """wrk -t1 on core 1, POST /jobs; its CPU comes from the kernel's rusage of the process."""
     script = str(BENCH_DIR / "post.lua")
     command = ["wrk", "-t1", f"-c{bench.config.connections}", f"-d{seconds:g}s", "--timeout", "10s"]
     env = {**os.environ, "BENCH_JOB_NAME": name, "BENCH_PAYLOAD": PAYLOAD}
-    start = time.perf_counter()
+    others, start = others_meter(bench), time.perf_counter()
     process = bench.children.spawn(
         pinned(bench.client_core, [*command, "-s", script, f"{url}/jobs"]),
         env=env,
@@ -317,6 +353,7 @@ def run_wrk(bench: Bench, url: str, name: str, seconds: float) -> Wrk:
         p50_ms=summary["p50_us"] / 1000,
         p99_ms=summary["p99_us"] / 1000,
         cpu=(usage.ru_utime + usage.ru_stime) / wall,
+        others=others(),
     )
 
 
@@ -328,7 +365,7 @@ def loadgen_command(bench: Bench, mode: str, *args: object) -> list[str]:
 def run_loadgen(bench: Bench, mode: str, *args: object, timeout: float = 900) -> dict[str, Any]:
     """One aiohttp generator process on core 1; its JSON result, or BenchError if requests
     failed (the row is then reported FAILED)."""
-    log = bench.workdir / f"loadgen-{mode}.log"
+    log, others = bench.workdir / f"loadgen-{mode}.log", others_meter(bench)
     with open(log, "ab") as err:
         process = bench.children.spawn(
             loadgen_command(bench, mode, *args), stdout=subprocess.PIPE, stderr=err
@@ -342,6 +379,7 @@ def run_loadgen(bench: Bench, mode: str, *args: object, timeout: float = 900) ->
     if process.returncode != 0 or not output.strip():
         raise BenchError(f"loadgen {mode} exited {process.returncode}:\n{log.read_text()[-3000:]}")
     result: dict[str, Any] = json.loads(output.splitlines()[-1])
+    result["others"] = others()
     if result.get("errors"):
         raise BenchError(
             f"loadgen {mode}: {result['errors']} errors, first: {result['first_error']}"
@@ -379,6 +417,10 @@ def probe(url: str) -> Caps:
         batch_ack=missing(http("POST", f"{url}/leases/ack", ack).status, 200, "POST /leases/ack"),
         big_lease=missing(http("POST", f"{url}/leases", lease).status, 200, "max_jobs=1000"),
     )
+
+
+def others_text(share: float) -> str:
+    return f"other processes {share:.0%} of the machine"
 
 
 def cpu_share(result: dict[str, Any]) -> float:
@@ -432,30 +474,31 @@ def prepared(bench: Bench, tag: str, fills: dict[str, int]) -> Iterator[Server]:
 # -- the rows ----------------------------------------------------------------------------------
 
 
-def make_rows(report: Report, t: Targets) -> dict[str, Row]:
+def make_rows(report: Report, t: Targets, cfg: Config) -> dict[str, Row]:
     """Every row of the table, in its order, before anything runs: a row that is never
     reached still shows up, as 'not run'."""
+    polls = f"{cfg.idle_polls:,} idle long polls"
     return {
         "enqueue": report.row(
-            "POST /jobs, 64 conns (wrk), / minimal FastAPI", f">= {t.enqueue_ratio}x"
+            f"POST /jobs, {cfg.connections} conns (wrk), / minimal FastAPI",
+            f">= {t.enqueue_ratio}x",
         ),
         "pickup_p50": report.row("idle long-poll pickup p50", f"< {t.pickup_p50_ms:g} ms"),
         "pickup_p99": report.row("idle long-poll pickup p99", f"< {t.pickup_p99_ms:g} ms"),
         "cycle": report.row("cycle: lease max_jobs=1 + ack each", f">= {t.cycle:,.0f} jobs/s"),
         "batched": report.row(
-            "batched cycle: lease 100 + one batch ack", f">= {t.batched_cycle:,.0f} jobs/s"
+            f"batched cycle: lease {cfg.lease_batch} + one batch ack",
+            f">= {t.batched_cycle:,.0f} jobs/s",
         ),
         "batch_enqueue": report.row(
             "batch enqueue POST /jobs/batch (1000/req)", f">= {t.batch_enqueue:,.0f} jobs/s"
         ),
-        "idle_cpu": report.row(
-            "1,000 idle long polls: server CPU", f"< {t.idle_cpu:.0%} of a core"
+        "idle_cpu": report.row(f"{polls}: server CPU", f"< {t.idle_cpu:.0%} of a core"),
+        "idle_rate": report.row(f"{polls}: POST /jobs with/without", f">= {t.idle_ratio}x"),
+        "backlog": report.row(
+            f"{cfg.big:,} backlog: lease+ack p50 / {cfg.small:,}", f"<= {t.backlog_ratio}x"
         ),
-        "idle_rate": report.row(
-            "1,000 idle long polls: POST /jobs with/without", f">= {t.idle_ratio}x"
-        ),
-        "backlog": report.row("big backlog: lease+ack p50, big/small", f"<= {t.backlog_ratio}x"),
-        "rss": report.row("big backlog: server VmHWM after enqueue", f"< {t.rss_mib:g} MiB"),
+        "rss": report.row(f"{cfg.big:,} backlog: server VmHWM", f"< {t.rss_mib:g} MiB"),
     }
 
 
@@ -479,6 +522,7 @@ def combined(runs: list[Wrk]) -> Wrk:
         p50_ms=statistics.median(r.p50_ms for r in runs),
         p99_ms=max(r.p99_ms for r in runs),
         cpu=max(r.cpu for r in runs),
+        others=max(r.others for r in runs),
     )
 
 
@@ -500,7 +544,7 @@ def enqueue_row(bench: Bench, server: Server, minimal: Server) -> None:
     for label, w in (("ours", mine), ("minimal", base)):
         row.note(
             f"{label}: {w.rate:,.0f} req/s, p50 {w.p50_ms:.1f} ms, p99 {w.p99_ms:.1f} ms "
-            f"(wrk at {w.cpu:.0%} of core 1)"
+            f"(wrk at {w.cpu:.0%} of core 1; {others_text(w.others)})"
         )
         row.void_if_busy(w.cpu, f"wrk against {label}")
     row.note(f"{cfg.rounds} round(s) of {cfg.seconds:g} s each, alternating minimal and ours")
@@ -526,8 +570,10 @@ def pickup_rows(bench: Bench, server: Server) -> None:
     bench.rows["pickup_p99"].note(
         f"{len(latencies)} samples, max {max(latencies):.2f} ms; the enqueue round trip "
         f"alone p50 {percentile(result['enqueue_ms'], 50):.2f} ms (a job is leasable only once "
-        "committed)"
+        f"committed); generator at {cpu_share(result):.0%} of core 1; "
+        f"{others_text(result['others'])}"
     )
+    bench.rows["pickup_p50"].void_if_busy(cpu_share(result))
 
 
 def idle_rows(bench: Bench, server: Server) -> None:
@@ -550,9 +596,10 @@ def idle_rows(bench: Bench, server: Server) -> None:
             raise BenchError(f"not all polls parked: {parked}")
         postgres = bench.postgres_pid()
         pg_before = tree_cpu_seconds(postgres) if postgres else 0.0
-        before, start = cpu_seconds(server.pid), time.perf_counter()
+        before, start, others = cpu_seconds(server.pid), time.perf_counter(), others_meter(bench)
         time.sleep(cfg.cpu_window)
         cpu = (cpu_seconds(server.pid) - before) / (time.perf_counter() - start)
+        others_share = others()
         pg_cpu = (tree_cpu_seconds(postgres) - pg_before) / cfg.cpu_window if postgres else None
         with_polls = run_wrk(bench, server.url, ENQUEUE, cfg.seconds)
         assert polls.stdin is not None
@@ -564,7 +611,8 @@ def idle_rows(bench: Bench, server: Server) -> None:
     cpu_row.measured(f"{cpu:.1%} of a core", cpu, bench.targets.idle_cpu, False)
     cpu_row.note(
         f"{cfg.idle_polls} polls (wait_ms=60000) parked on '{IDLE}'; /proc/{server.pid}/stat "
-        f"over {cfg.cpu_window:g} s; generator at {done['cpu'] / done['seconds']:.0%} of core 1"
+        f"over {cfg.cpu_window:g} s; generator at {done['cpu'] / done['seconds']:.0%} of core 1; "
+        f"{others_text(others_share)}"
     )
     if pg_cpu is not None:
         cpu_row.note(f"PostgreSQL's processes meanwhile: {pg_cpu:.1%} of a core")
@@ -574,7 +622,8 @@ def idle_rows(bench: Bench, server: Server) -> None:
     rate_row.measured(f"{ratio:.2f}x", ratio, bench.targets.idle_ratio, True)
     rate_row.note(
         f"{with_polls.rate:,.0f} req/s with the polls open, {without.rate:,.0f} without "
-        f"(wrk at {with_polls.cpu:.0%} / {without.cpu:.0%} of core 1)"
+        f"(wrk at {with_polls.cpu:.0%} / {without.cpu:.0%} of core 1; other processes "
+        f"{with_polls.others:.0%} / {without.others:.0%} of the machine)"
     )
     rate_row.void_if_busy(max(with_polls.cpu, without.cpu), "wrk")
 
@@ -596,7 +645,8 @@ def batch_enqueue_row(bench: Bench, server: Server) -> None:
     row.measured(f"{rate:,.0f} jobs/s", rate, bench.targets.batch_enqueue, True)
     row.note(
         f"{result['jobs']:,} jobs in {result['seconds']:.1f} s, {BATCH_CONCURRENCY} requests "
-        f"of 1,000 jobs in flight; generator at {cpu_share(result):.0%} of core 1"
+        f"of 1,000 jobs in flight; generator at {cpu_share(result):.0%} of core 1; "
+        f"{others_text(result['others'])}"
     )
     row.void_if_busy(cpu_share(result))
 
@@ -631,7 +681,8 @@ def cycle_row(bench: Bench, server: Server, row: Row, name: str, batched: bool) 
     drained = ", backlog drained before the time was up" if result["drained"] else ""
     row.note(
         f"{workers} workers, max_jobs={max_jobs}, {how}: {result['jobs']:,} jobs in "
-        f"{result['seconds']:.1f} s{drained}; generator at {cpu_share(result):.0%} of core 1"
+        f"{result['seconds']:.1f} s{drained}; generator at {cpu_share(result):.0%} of core 1; "
+        f"{others_text(result['others'])}"
     )
     row.void_if_busy(cpu_share(result))
 
@@ -684,6 +735,11 @@ def backlog_rows(bench: Bench) -> None:
             f"at {size:,} jobs: p50 {statistics.median(values):.2f} ms, "
             f"p99 {percentile(values, 99):.2f} ms ({len(values)} lease+ack, 1 worker)"
         )
+    lat_row.note(
+        f"alternating blocks of 50 between the two; generator at {cpu_share(result):.0%} of "
+        f"core 1; {others_text(result['others'])}"
+    )
+    lat_row.void_if_busy(cpu_share(result))
 
 
 STEPS: tuple[tuple[str, Callable[[Bench], None], tuple[str, ...]], ...] = (
@@ -753,6 +809,8 @@ def run(args: argparse.Namespace, config: Config, report: Report, children: Chil
     cores = sorted(os.sched_getaffinity(0))
     server_core, client_core = cores[0], cores[1] if len(cores) > 1 else cores[0]
     os.sched_setaffinity(0, {client_core})
+    if args.wait_quiet > 0:
+        report.context.append(wait_for_quiet(args.wait_quiet))
     started = time.perf_counter()
     parent = workdir_parent()
     workdir = Path(tempfile.mkdtemp(prefix="bgjobs-bench-", dir=parent))
@@ -782,7 +840,7 @@ def run(args: argparse.Namespace, config: Config, report: Report, children: Chil
         bench = Bench(
             config, TARGETS[args.backend], children, launcher, backend, {}, client_core, workdir
         )
-        bench.rows = make_rows(report, bench.targets)
+        bench.rows = make_rows(report, bench.targets, config)
         for title, step, keys in STEPS:
             print(f"\n{title}", flush=True)
             section([bench.rows[key] for key in keys], lambda step=step: step(bench))

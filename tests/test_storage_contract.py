@@ -16,6 +16,7 @@ import pytest
 
 from app.queue.errors import StorageUnavailable
 from app.queue.models import (
+    AnyJob,
     Buried,
     Enqueued,
     EnqueuedBatch,
@@ -1203,7 +1204,7 @@ async def test_enqueue_many_once_claims_the_key_then_replays_the_jobs(storage: S
     assert await storage.cancel(specs[1].id) == "deleted"
     retry = [new_job(), new_job("sms"), new_job("push")]
     again = await storage.enqueue_many_once(retry, at(3), idem("batch-1"))
-    expected = [lease.job, None, as_pending(specs[2], at(3))]
+    expected: list[AnyJob | None] = [lease.job, None, as_pending(specs[2], at(3))]
     assert again == EnqueuedBatch(ids, expected, created=False, same_request=True)
     other = await storage.enqueue_many_once(retry[:1], at(3), idem("batch-1", "fp-2"))
     assert other == EnqueuedBatch(ids, expected, created=False, same_request=False)

@@ -52,22 +52,29 @@ def scopes_of(tokens: Tokens, presented: str) -> frozenset[str] | None:
     return found
 
 
+def authorize(request: Request, scope: str) -> None:
+    """The caller's bearer token must carry `scope` (when tokens are configured)."""
+    tokens: Tokens = request.app.state.tokens
+    if not tokens:
+        return
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
+    scopes = scopes_of(tokens, token)
+    if scopes is None:
+        raise Unauthenticated("invalid API token")
+    if scope not in scopes:
+        raise Forbidden(f"this API token lacks the '{scope}' scope")
+
+
 def require(scope: str) -> Any:
-    """A route dependency: the caller's token must carry `scope` (when tokens are set)."""
+    """A route dependency: `authorize` for `scope`, declared so the spec shows the scheme."""
 
     async def check(
         request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
-        tokens: Tokens = request.app.state.tokens
-        if not tokens:
-            return
-        if credentials is None:
-            raise Unauthenticated("missing API token: send Authorization: Bearer <token>")
-        scopes = scopes_of(tokens, credentials.credentials)
-        if scopes is None:
-            raise Unauthenticated("invalid API token")
-        if scope not in scopes:
-            raise Forbidden(f"this API token lacks the '{scope}' scope")
+        authorize(request, scope)
 
     return Depends(check)

@@ -7,7 +7,7 @@ from fastapi import Depends, Request
 from app.queue.service import QueueService
 
 
-def get_service(request: Request) -> QueueService:
+async def get_service(request: Request) -> QueueService:
     service: QueueService = request.app.state.service
     return service
 

@@ -131,7 +131,7 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{where}: unknown field (check its spelling against the API spec)"
     if kind == "string_pattern_mismatch":
         return f"{where}: a job name is 1..255 characters of A-Z a-z 0-9 _ . : -"
-    if kind in ("model_attributes_type", "dict_type"):
+    if kind in ("model_attributes_type", "dict_type", "model_type"):
         if isinstance(error.get("input"), str | bytes) and where == "body":
             return "body: must be a JSON object sent with Content-Type: application/json"
         return f"{where}: must be a JSON object"
@@ -153,7 +153,13 @@ async def invalid_input(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
 
+async def body_too_large(_request: Request, exc: Exception) -> JSONResponse:
+    """A body that grew past the limit while a route read it itself."""
+    return JSONResponse({"detail": str(exc)}, status_code=413)
+
+
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(BodyTooLarge, body_too_large)
     app.add_exception_handler(QueueError, queue_error)
     app.add_exception_handler(RequestValidationError, invalid_input)
     app.add_exception_handler(HTTPException, http_error)

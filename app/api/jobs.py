@@ -2,10 +2,13 @@
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from app.api import render
-from app.api.auth import require
+from app.api.auth import authorize, require
+from app.api.body import documented, parse
 from app.api.deps import Service
 from app.api.errors import responses
 from app.api.schemas import (
@@ -19,7 +22,7 @@ from app.api.schemas import (
     SucceededJobPage,
 )
 from app.queue.models import AnyJob, Job
-from app.queue.service import JobSpec
+from app.queue.service import JobSpec, QueueService
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -32,17 +35,42 @@ Cursor = Annotated[
     str | None,
     Query(max_length=1024, description="The `next_cursor` of the previous page."),
 ]
-IdempotencyKeyHeader = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        pattern=r"^[\x21-\x7e]+$",
-        description="Makes retries safe: the same key and body within the window return the "
-        "original job (200) instead of enqueuing another.",
-    ),
-]
+IDEMPOTENCY_KEY = r"^[\x21-\x7e]+$"
+IDEMPOTENCY_HELP = (
+    "Makes retries safe: the same key and body within the window return the original "
+    "job (200) instead of enqueuing another."
+)
+_key_rule = TypeAdapter(
+    Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=IDEMPOTENCY_KEY)]
+)
+IDEMPOTENCY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": IDEMPOTENCY_HELP,
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "pattern": IDEMPOTENCY_KEY,
+        "title": "Idempotency-Key",
+    },
+}
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The Idempotency-Key header, checked as the spec says."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    try:
+        return _key_rule.validate_python(key)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("header", "Idempotency-Key")} for error in exc.errors()]
+        ) from None
+
+
 JobId = Annotated[str, Path(description="The job id.")]
 
 
@@ -50,9 +78,9 @@ JobId = Annotated[str, Path(description="The job id.")]
     "",
     status_code=201,
     operation_id="enqueue_job",
-    dependencies=[require("enqueue")],
     summary="Enqueue a job",
     response_model=AnyJobOut,
+    openapi_extra=documented(EnqueueRequest, [IDEMPOTENCY_HEADER]),
     response_description="The job, pending. `Location` names its URL.",
     responses={
         200: {
@@ -63,22 +91,21 @@ JobId = Annotated[str, Path(description="The job id.")]
         **responses(409, 413),
     },
 )
-async def enqueue_job(
-    body: EnqueueRequest,
-    service: Service,
-    idempotency_key: IdempotencyKeyHeader = None,
-) -> Response:
+async def enqueue_job(request: Request) -> Response:
     """Commit a job (a 201 means it is durable). Availability is now unless `available_at`
     or `available_in_ms` is given. With an `Idempotency-Key` seen before (within the
     window, 24 h by default), the same body gets the original job back with a 200, in
     whatever state it is now, and a different body gets a 422."""
+    authorize(request, "enqueue")
+    body = await parse(request, EnqueueRequest)
+    service: QueueService = request.app.state.service
     job, created = await service.enqueue(
         body.name,
         body.payload,
         body.max_retries,
         body.available_at,
         body.available_in_ms,
-        idempotency_key,
+        idempotency_key(request),
     )
     return render.json(render.job(job), 201 if created else 200, Location=f"/jobs/{job.id}")
 
@@ -87,7 +114,6 @@ async def enqueue_job(
     "/batch",
     status_code=201,
     operation_id="enqueue_jobs",
-    dependencies=[require("enqueue")],
     summary="Enqueue up to 1,000 jobs at once",
     response_model=JobsOut,
     response_description="The jobs, pending, in request order.",
@@ -100,21 +126,21 @@ async def enqueue_job(
         },
         **responses(413),
     },
+    openapi_extra=documented(EnqueueBatchRequest, [IDEMPOTENCY_HEADER]),
 )
-async def enqueue_jobs(
-    body: EnqueueBatchRequest,
-    service: Service,
-    idempotency_key: IdempotencyKeyHeader = None,
-) -> Response:
+async def enqueue_jobs(request: Request) -> Response:
     """All or nothing, in one transaction: any invalid item is a 422 that names its index
     (`body.jobs.17.available_in_ms: ...`), a payload over the limit a 413 that names it.
     An `Idempotency-Key` covers the whole batch, in a key space of its own (apart from
     `POST /jobs`)."""
+    authorize(request, "enqueue")
+    body = await parse(request, EnqueueBatchRequest)
+    service: QueueService = request.app.state.service
     specs = [
         JobSpec(j.name, j.payload, j.max_retries, j.available_at, j.available_in_ms)
         for j in body.jobs
     ]
-    jobs, created = await service.enqueue_batch(specs, idempotency_key)
+    jobs, created = await service.enqueue_batch(specs, idempotency_key(request))
     rendered = [
         render.job(job) if job is not None else {"id": job_id, "state": "deleted"}
         for job_id, job in jobs

@@ -259,8 +259,13 @@ class QueueService:
         return done.job
 
     def job_ready_elsewhere(self, name: str, available_at: datetime) -> None:
-        """Another replica made a job ready: wake a waiter here too."""
-        self._announce(name, available_at, self.clock.now())
+        """Another replica made jobs of `name` ready (one notification per transaction, so
+        it does not say how many): wake one waiter here, who passes the wake on if it
+        finds work."""
+        if available_at <= self.clock.now():
+            self.notifier.notify(name, 1, chained=True)
+        else:
+            self.notifier.notify_at(name, available_at)
 
     def _announce(self, name: str, available_at: datetime, now: datetime) -> None:
         if available_at <= now:
