@@ -22,7 +22,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,7 +197,7 @@ async def pickup(args: argparse.Namespace) -> dict[str, Any]:
 async def idle(args: argparse.Namespace) -> dict[str, Any]:
     """Prints {"event": "parked"} once every poll has had `settle_s` to reach the server, then
     holds them until a line arrives on stdin, and returns how many ended early and why."""
-    tally, statuses = Tally(), {}
+    tally, statuses = Tally(), dict[int, int]()
     body_for = [lease_body(f"idle-{i}", args.name, 1, args.wait_ms) for i in range(args.polls)]
     async with session(args.url, args.polls, timeout_s=args.wait_ms / 1000 + 60) as client:
 
@@ -352,7 +352,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     modes = parser.add_subparsers(dest="mode", required=True)
     for mode in ("cycle", "pickup", "idle", "latency", "fill"):
         sub = modes.add_parser(mode)
-        sub.add_argument("--url", required=True, action="append" if mode == "latency" else None)
+        if mode == "latency":
+            sub.add_argument("--url", required=True, action="append", help="one per server")
+        else:
+            sub.add_argument("--url", required=True)
         sub.add_argument("--name", required=True)
         if mode == "cycle":
             sub.add_argument("--workers", type=int, default=16)
@@ -378,7 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-MODES: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
+MODES: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]] = {
     "cycle": cycle,
     "pickup": pickup,
     "idle": idle,
@@ -391,13 +394,13 @@ def main() -> None:
     args = parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000+ sockets for `idle`
+    coroutine = MODES[args.mode](args)
     try:
-        import uvloop
-
-        runner: Callable[[Awaitable[dict[str, Any]]], dict[str, Any]] = uvloop.run
+        import uvloop  # the generator's own overhead is lower on it
     except ImportError:
-        runner = asyncio.run
-    emit(runner(MODES[args.mode](args)))
+        emit(asyncio.run(coroutine))
+    else:
+        emit(uvloop.run(coroutine))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class Report:
         print()
         print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
         print("  ".join("-" * w for w in widths))
-        for row, line in zip(self.rows, table, strict=True):
-            print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+        for row, cells in zip(self.rows, table, strict=True):
+            print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
             for text in row.notes:
                 print(f"    {text}")

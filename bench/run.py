@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -223,12 +224,19 @@ class Launcher:
     file (a pipe nobody reads could fill and stall a server mid-measurement)."""
 
     def __init__(self, children: Children, workdir: Path, core: int, max_polls: int) -> None:
-        self.children, self.workdir, self.core = children, workdir, core
+        self.children, self.workdir, self.core, self.max_polls = children, workdir, core, max_polls
         self.flags, extra_env, self.access_log = access_log_switch()
         self.env = {k: v for k, v in os.environ.items() if k not in NOT_PASSED}
         self.passed = sorted(f"{k}={v}" for k, v in self.env.items() if k.startswith("BGJOBS_"))
         self.env |= {"BGJOBS_LOG_LEVEL": "warning", "BGJOBS_MAX_WAITING_POLLS": str(max_polls)}
         self.env |= extra_env
+
+    def describe(self) -> str:
+        return (
+            f"server: python -m app.cli serve, BGJOBS_LOG_LEVEL=warning, "
+            f"BGJOBS_MAX_WAITING_POLLS={self.max_polls}, {self.access_log}; from the caller's "
+            f"environment: {', '.join(self.passed) or 'no BGJOBS_* setting'}"
+        )
 
     @contextlib.contextmanager
     def _running(self, command: list[str], port: int, tag: str) -> Iterator[Server]:
@@ -608,6 +616,8 @@ def idle_rows(bench: Bench, server: Server) -> None:
         done = read_json_line(polls, timeout=120)
     finally:
         bench.children.stop(polls)
+    if done["open_at_stop"] != cfg.idle_polls:
+        raise BenchError(f"long polls ended before they were let go: {done}")
     cpu_row.measured(f"{cpu:.1%} of a core", cpu, bench.targets.idle_cpu, False)
     cpu_row.note(
         f"{cfg.idle_polls} polls (wait_ms=60000) parked on '{IDLE}'; /proc/{server.pid}/stat "
@@ -616,8 +626,6 @@ def idle_rows(bench: Bench, server: Server) -> None:
     )
     if pg_cpu is not None:
         cpu_row.note(f"PostgreSQL's processes meanwhile: {pg_cpu:.1%} of a core")
-    if done["open_at_stop"] != cfg.idle_polls:
-        raise BenchError(f"polls ended before the stop: {done}")
     ratio = with_polls.rate / without.rate
     rate_row.measured(f"{ratio:.2f}x", ratio, bench.targets.idle_ratio, True)
     rate_row.note(
@@ -787,6 +795,16 @@ def open_backend(
     return backend
 
 
+def postgres_pinning(backend: PostgresBackend, server_core: int) -> str:
+    """Read back from the kernel, not assumed from the taskset command."""
+    allowed = status_line(backend.postmaster_pid(), "Cpus_allowed_list")
+    shares = "the server's" if allowed == str(server_core) else "the generators'"
+    return (
+        f"PostgreSQL pinned to core {allowed}: it shares {shares} core; "
+        f"database folder: {describe_disk(backend.root)}"
+    )
+
+
 def context_lines(
     args: argparse.Namespace, config: Config, cores: tuple[int, int], workdir: Path
 ) -> list[str]:
@@ -822,19 +840,9 @@ def run(args: argparse.Namespace, config: Config, report: Report, children: Chil
         backend = open_backend(args.backend, workdir, parent, pg_core)
         report.context += backend.describe()
         if isinstance(backend, PostgresBackend):
-            allowed = status_line(backend.postmaster_pid(), "Cpus_allowed_list")
-            shares = "the server's" if pg_core == server_core else "the generators'"
-            report.context.append(
-                f"PostgreSQL pinned to core {allowed}: it shares {shares} core; "
-                f"database folder: {describe_disk(backend.root)}"
-            )
-        max_polls = max(2000, 2 * config.idle_polls)
-        launcher = Launcher(children, workdir, server_core, max_polls)
-        report.context.append(
-            f"server: python -m app.cli serve, BGJOBS_LOG_LEVEL=warning, "
-            f"BGJOBS_MAX_WAITING_POLLS={max_polls}, {launcher.access_log}; from the caller's "
-            f"environment: {', '.join(launcher.passed) or 'no BGJOBS_* setting'}"
-        )
+            report.context.append(postgres_pinning(backend, server_core))
+        launcher = Launcher(children, workdir, server_core, max(2000, 2 * config.idle_polls))
+        report.context.append(launcher.describe())
         for line in report.context:
             print(line, flush=True)
         bench = Bench(
@@ -843,7 +851,7 @@ def run(args: argparse.Namespace, config: Config, report: Report, children: Chil
         bench.rows = make_rows(report, bench.targets, config)
         for title, step, keys in STEPS:
             print(f"\n{title}", flush=True)
-            section([bench.rows[key] for key in keys], lambda step=step: step(bench))
+            section([bench.rows[key] for key in keys], functools.partial(step, bench))
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)

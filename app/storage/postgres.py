@@ -103,11 +103,11 @@ WITH candidates AS (
     ) AS c
 ), picked AS MATERIALIZED (
     SELECT id FROM (
-        SELECT id, size,
-            sum(size) OVER (ORDER BY available_at, id ROWS UNBOUNDED PRECEDING) - size AS before
+        SELECT id, row_number() OVER w AS n, sum(size) OVER w AS total
         FROM (SELECT * FROM candidates ORDER BY available_at, id LIMIT $3) AS oldest
+        WINDOW w AS (ORDER BY available_at, id ROWS UNBOUNDED PRECEDING)
     ) AS sized
-    WHERE before = 0 OR before + size <= $4
+    WHERE n = 1 OR total <= $4
 )
 UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $5,
     lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1)::text,
@@ -436,6 +436,7 @@ class PostgresStorage(SqlStorage):
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
         self._sender = os.urandom(6).hex()  # to skip this replica's own notifications
         self._listener: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()  # set once LISTEN is up (tests wait for it)
         self._conn: Conn | None = None
         self._writer = Writer(self._apply)
 
@@ -505,6 +506,7 @@ class PostgresStorage(SqlStorage):
                 async with self._listening(on_ready) as (conn, lost):
                     delay = 0.1
                     on_gap()
+                    self.listening.set()
                     while not lost.is_set():
                         try:
                             await asyncio.wait_for(lost.wait(), KEEPALIVE_S)

@@ -155,12 +155,12 @@ def reserve_sql(name_count: int) -> str:
     return (
         f"WITH candidates AS ({ranges}), "
         "oldest AS (SELECT * FROM candidates ORDER BY available_at, id LIMIT :max_jobs), "
-        "picked AS (SELECT id, size, sum(size) OVER (ORDER BY available_at, id "
-        "ROWS UNBOUNDED PRECEDING) - size AS before FROM oldest) "
+        "picked AS (SELECT id, row_number() OVER w AS n, sum(size) OVER w AS total "
+        "FROM oldest WINDOW w AS (ORDER BY available_at, id ROWS UNBOUNDED PRECEDING)) "
         "UPDATE jobs SET attempts = attempts + 1, reserved_at = :now, reserved_by = :worker, "
         "lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1), "
         "lease_expires_at = :expires "
-        "WHERE id IN (SELECT id FROM picked WHERE before = 0 OR before + size <= :max_bytes) "
+        "WHERE id IN (SELECT id FROM picked WHERE n = 1 OR total <= :max_bytes) "
         f"AND reserved_at IS NULL RETURNING {JOB_COLUMNS}, lease_id"
     )
 
