@@ -863,13 +863,14 @@ def run(args: argparse.Namespace, config: Config, report: Report, children: Chil
         shutil.rmtree(workdir, ignore_errors=True)
         others = busy_cpu_seconds() - busy - (own_cpu_seconds() - own) - postgres_cpu
         report.context.append(foreign_load(others, time.perf_counter() - started))
+        report.context.append(f"load average at end: {load_average()}")
+        report.context.append(f"wall time: {time.perf_counter() - started:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     signal.signal(signal.SIGTERM, interrupt)
     report, children, status = Report(), Children(), 0
-    started = time.perf_counter()
     try:
         run(args, config, report, children)
     except KeyboardInterrupt:
@@ -878,8 +879,6 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"\nbench: {exc}", file=sys.stderr)
         status = 1
-    report.context.append(f"load average at end: {load_average()}")
-    report.context.append(f"wall time: {time.perf_counter() - started:.0f} s")
     report.print()
     return status or (1 if report.failed else 0)
 
