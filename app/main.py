@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute
 from app.api import errors, health, jobs, leases
 from app.api.auth import parse_tokens
 from app.api.body import with_documented_bodies
+from app.api.fastlane import FastLane
 from app.api.limits import BodyLimit
 from app.queue.clock import Clock, SystemClock
 from app.queue.notifier import Notifier
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     )
     app.state.tokens = parse_tokens(settings.api_tokens, settings.api_tokens_file)
     errors.install(app)
+    app.add_middleware(FastLane)  # inside BodyLimit: the hot routes' bodies are bounded too
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     for module in (jobs, leases, health):
         app.include_router(module.router)
