@@ -2,6 +2,7 @@
 
 import re
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -22,8 +23,12 @@ EXAMPLE_JOB_ID = "019ac5a1b2c3d4e5f6a7b8c9d0e1f2a3"
 EXAMPLE_LEASE_ID = EXAMPLE_JOB_ID + ".1"
 
 
+@lru_cache(maxsize=4096)
 def format_timestamp(moment: datetime) -> str:
-    """`YYYY-MM-DDTHH:MM:SS.ffffffZ`: one fixed shape, so clients can even compare strings."""
+    """`YYYY-MM-DDTHH:MM:SS.ffffffZ`: one fixed shape, so clients can even compare strings.
+
+    Cached: the jobs of one batch or one group commit share their times, and formatting
+    was a quarter of a batch enqueue's CPU (py-spy)."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 

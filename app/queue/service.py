@@ -89,7 +89,7 @@ def _page(items: list[T], limit: int, key: Callable[[T], str]) -> Page[T]:
     return Page(items, key(items[-1]))
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class JobSpec:
     """One job as a producer asked for it (bg_jobs' JobEnqueueRequest)."""
 
@@ -100,9 +100,16 @@ class JobSpec:
     available_in_ms: int | None = None
 
 
+def new_job_ids(count: int) -> list[str]:
+    """Time-ordered (48-bit milliseconds, then 80 random bits) so inserts land together;
+    one read of the system's randomness for the whole batch."""
+    millis = f"{time.time_ns() // 1_000_000:012x}"
+    random = os.urandom(10 * count).hex()
+    return [millis + random[20 * i : 20 * i + 20] for i in range(count)]
+
+
 def new_job_id() -> str:
-    """Time-ordered (48-bit milliseconds, then 80 random bits) so inserts land together."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    return new_job_ids(1)[0]
 
 
 async def repeat(interval_s: float, task: Callable[[], Awaitable[object]], what: str) -> None:
@@ -164,7 +171,7 @@ class QueueService:
         spec = JobSpec(name, payload, max_retries, available_at, available_in_ms)
         self._check_size(spec.payload, "payload")
         now = self.clock.now()
-        new = self._new_job(spec, now)
+        new = self._new_job(spec, now, new_job_id())
         if idempotency_key is None:
             job = await self.storage.enqueue(new, now)
         else:
@@ -186,7 +193,10 @@ class QueueService:
         for index, spec in enumerate(specs):
             self._check_size(spec.payload, f"jobs.{index}.payload")
         now = self.clock.now()
-        news = [self._new_job(spec, now) for spec in specs]
+        news = [
+            self._new_job(spec, now, job_id)
+            for spec, job_id in zip(specs, new_job_ids(len(specs)), strict=True)
+        ]
         if idempotency_key is None:
             jobs = await self.storage.enqueue_many(news, now)
             self._announce_all(news, now)
@@ -209,9 +219,11 @@ class QueueService:
             )
 
     @staticmethod
-    def _new_job(spec: JobSpec, now: datetime) -> NewJob:
-        at = spec.available_at or now + timedelta(milliseconds=spec.available_in_ms or 0)
-        return NewJob(new_job_id(), spec.name, spec.payload, spec.max_retries, now, at)
+    def _new_job(spec: JobSpec, now: datetime, job_id: str) -> NewJob:
+        at = spec.available_at or (
+            now + timedelta(milliseconds=spec.available_in_ms) if spec.available_in_ms else now
+        )
+        return NewJob(job_id, spec.name, spec.payload, spec.max_retries, now, at)
 
     def _key(self, key: str, specs: Sequence[JobSpec], now: datetime) -> IdempotencyKey:
         """The key, a fingerprint of the request it was first used for, and its window."""

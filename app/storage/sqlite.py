@@ -65,10 +65,13 @@ def is_outage(exc: sqlite3.Error) -> bool:
     return code is None or code & 0xFF in OUTAGE_CODES
 
 
+@lru_cache(maxsize=4096)
 def ts(moment: datetime) -> str:
+    """Stored text of a time (cached: the rows of one batch or group share their times)."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
+@lru_cache(maxsize=4096)
 def dt(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
