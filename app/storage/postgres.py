@@ -80,6 +80,13 @@ INSERT_JOB = (
     "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
     "lease_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
 )
+# Many jobs in one statement: asyncpg encodes each column as one array, in C.
+INSERT_JOBS = """
+INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, lease_seq)
+SELECT id, name, payload, 0, max_retries, created_at, available_at, 0
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::timestamptz[])
+    AS t(id, name, payload, max_retries, created_at, available_at)
+"""
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
 SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = $1"
 SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = $1"
@@ -115,17 +122,21 @@ UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $5,
 WHERE id IN (SELECT id FROM picked) AND reserved_at IS NULL
 RETURNING {JOB_COLUMNS}, lease_id
 """
-# Ack, set-based: one DELETE for a whole run of acks; fencing is the (id, lease_id) match.
+# Ack, set-based: one statement moves a whole run of acks to the succeeded jobs; fencing
+# is the (id, lease_id) match. A pair given twice matches its row once.
 ACK = """
-DELETE FROM jobs USING unnest($1::text[], $2::text[]) AS t(id, lease_id)
-WHERE jobs.id = t.id AND jobs.lease_id = t.lease_id
-RETURNING jobs.id, jobs.lease_id, jobs.name, jobs.payload, jobs.attempts, jobs.lease_seq,
-    jobs.created_at, jobs.available_at
-"""
-INSERT_SUCCEEDED = (
-    "INSERT INTO succeeded_jobs (id, name, payload, attempts, lease_seq, created_at, "
-    "available_at, succeeded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+WITH done AS (
+    DELETE FROM jobs USING unnest($1::text[], $2::text[], $3::timestamptz[]) AS t(id, lease_id, at)
+    WHERE jobs.id = t.id AND jobs.lease_id = t.lease_id
+    RETURNING jobs.id, jobs.lease_id, jobs.name, jobs.payload, jobs.attempts, jobs.lease_seq,
+        jobs.created_at, jobs.available_at, t.at
+), moved AS (
+    INSERT INTO succeeded_jobs (id, name, payload, attempts, lease_seq, created_at,
+        available_at, succeeded_at)
+    SELECT id, name, payload, attempts, lease_seq, created_at, available_at, at FROM done
 )
+SELECT id, lease_id, name, payload, attempts, created_at, available_at, at FROM done
+"""
 HELD = (
     "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq "
     "FROM jobs WHERE id = $1 AND lease_id = $2"
@@ -183,15 +194,16 @@ Conn: TypeAlias = Any  # an asyncpg.Connection (asyncpg ships no type hints)
 
 
 async def _insert_jobs(conn: Conn, group: Group, jobs: list[NewJob]) -> None:
-    await conn.executemany(
-        INSERT_JOB,
-        [
-            (j.id, j.name, j.payload, 0, j.max_retries, j.created_at, j.available_at, 0)
-            for j in jobs
-        ],
-    )
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(6))
     for job in jobs:
+        for column, value in zip(columns, _row(job), strict=True):
+            column.append(value)
         group.announce(job.name, job.available_at)
+    await conn.execute(INSERT_JOBS, *columns)
+
+
+def _row(job: NewJob) -> tuple[Any, ...]:
+    return job.id, job.name, job.payload, job.max_retries, job.created_at, job.available_at
 
 
 async def enqueue(conn: Conn, group: Group, items: list[tuple[NewJob, datetime]]) -> list[Job]:
@@ -296,20 +308,13 @@ async def reserve(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> lis
 async def ack(
     conn: Conn, group: Group, items: list[tuple[str, str, datetime]]
 ) -> list[SucceededJob | None]:
-    rows = await conn.fetch(ACK, [i[0] for i in items], [i[1] for i in items])
+    ids, leases, times = (list(column) for column in zip(*items, strict=True))
+    rows = await conn.fetch(ACK, ids, leases, times)
     taken = {(row[0], row[1]): row for row in rows}
     results: list[SucceededJob | None] = []
-    inserts = []
-    for job_id, lease_id, now in items:
+    for job_id, lease_id, _ in items:
         row = taken.pop((job_id, lease_id), None)  # a repeated item finds it gone
-        if row is None:
-            results.append(None)
-            continue
-        _, _, name, payload, attempts, lease_seq, created_at, available_at = row
-        inserts.append((job_id, name, payload, attempts, lease_seq, created_at, available_at, now))
-        results.append(SucceededJob(job_id, name, payload, attempts, created_at, available_at, now))
-    if inserts:
-        await conn.executemany(INSERT_SUCCEEDED, inserts)
+        results.append(None if row is None else SucceededJob(row[0], *row[2:]))
     return results
 
 
@@ -412,6 +417,9 @@ async def probe(conn: Conn, group: Group, items: list[None]) -> list[None]:
     return [None for _ in items]
 
 
+# Kinds whose handler sends exactly one statement for one item and announces nothing.
+ONE_STATEMENT = frozenset({"reserve", "ack", "extend"})
+
 Handler = Callable[[Conn, Group, list[Any]], Awaitable[list[Any]]]
 HANDLERS: dict[str, Handler] = {
     "enqueue": enqueue,
@@ -463,6 +471,10 @@ class PostgresStorage(SqlStorage):
             if self._conn is None or self._conn.is_closed():
                 self._conn = await asyncpg.connect(self._dsn)
             conn = self._conn
+            if len(group) == 1 and group[0].kind in ONE_STATEMENT:
+                # One statement is atomic by itself: no BEGIN and COMMIT round trips.
+                op = group[0]
+                return await HANDLERS[op.kind](conn, Group(), [op.arg])
             async with conn.transaction():
                 ready = Group()
                 results: list[Any] = []
