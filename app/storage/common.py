@@ -84,12 +84,6 @@ def leases_from(rows: Sequence[Sequence[Any]], expires_at: datetime) -> list[Lea
     return [Lease(row[9], expires_at, job_from(row, expires_at)) for row in ordered]
 
 
-def pairs(job_ids: Sequence[str], found: Sequence[AnyJob | None]) -> list[AnyJob | None]:
-    """Jobs in the order of `job_ids` (None where gone)."""
-    by_id = {job.id: job for job in found if job is not None}
-    return [by_id.get(job_id) for job_id in job_ids]
-
-
 def is_outage(exc: BaseException) -> bool:
     """Only a lost or refused connection or an operational failure is an outage (503); a
     programming or data error is a bug (500) and must not look like one."""
