@@ -286,7 +286,11 @@ class LeaseIdsRequest(StrictBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"ids": [EXAMPLE_LEASE_ID]}]})
 
     ids: list[LeaseIdIn] = Field(
-        min_length=1, max_length=1000, strict=True, description="1 to 1,000 distinct lease ids."
+        min_length=1,
+        max_length=1000,
+        strict=True,
+        description="1 to 1,000 distinct lease ids.",
+        json_schema_extra={"uniqueItems": True},
     )
 
     @model_validator(mode="after")
@@ -337,7 +341,11 @@ class FailBatchRequest(StrictBody):
     )  # fmt: skip
 
     items: list[FailItemRequest] = Field(
-        min_length=1, max_length=1000, strict=True, description="1 to 1,000 distinct leases."
+        min_length=1,
+        max_length=1000,
+        strict=True,
+        description="1 to 1,000 items, each for a different lease (`id`).",
+        json_schema_extra={"uniqueItems": True},
     )
 
     @model_validator(mode="after")
