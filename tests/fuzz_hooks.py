@@ -9,19 +9,11 @@ import schemathesis
 @schemathesis.hook
 def map_body(context: Any, body: Any) -> Any:
     """Keep generated long polls short: a valid `wait_ms` of up to a minute is legal, but
-    thousands of them would make the run last hours. Invalid values are left alone.
-
-    A batch fail names each lease once; JSON Schema cannot say "distinct by `id`" of
-    objects, so generated items get distinct ids (a repeated id is a 422 by design)."""
+    thousands of them would make the run last hours. Invalid values are left alone."""
     if isinstance(body, dict):
         wait = body.get("wait_ms")
         if isinstance(wait, int) and not isinstance(wait, bool) and 50 < wait <= 60_000:
             body["wait_ms"] = wait % 50
-        items = body.get("items")
-        if isinstance(items, list):
-            for index, item in enumerate(items):
-                if isinstance(item, dict) and isinstance(item.get("id"), str):
-                    item["id"] = f"{item['id']}-{index}"[:255]
     return body
 
 
