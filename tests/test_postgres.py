@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.main import create_app
 from app.queue.service import QueueService
 from app.settings import Settings
-from app.storage.postgres import RESERVE
+from app.storage.postgres import RESERVE, RESERVE_ONE
 from tests.conftest import enqueue, lease
 
 
@@ -84,6 +84,25 @@ async def test_reserve_locks_with_skip_locked_through_the_ready_index(
     # One bounded range of the ready index per name (a nested loop over the names).
     assert "Index Scan using ix_jobs_ready" in plan and "unnest" in plan, plan
     assert "LockRows" in plan and "CTE picked" in plan, plan
+    assert "Seq Scan on jobs" not in plan, plan
+
+
+async def test_single_job_reserve_locks_with_skip_locked_through_the_ready_index(
+    service: QueueService,
+) -> None:
+    """The one-name, one-job reserve (the common worker) has its own, simpler statement.
+    For a name with few ready jobs among many of other names (where a scan in time order
+    would cost the whole backlog) it takes the name's range of the ready index."""
+    await fill(service, 20_000)
+    await fill(service, 10, names=("rare",))
+    now = service.clock.now()
+    params = (["rare"], now, "w", now + timedelta(seconds=30))
+    async with engine_of(service).connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        rows = await raw.fetch(f"EXPLAIN {RESERVE_ONE}", *params)
+        await conn.rollback()
+    plan = "\n".join(row[0] for row in rows)
+    assert "ix_jobs_ready" in plan and "LockRows" in plan and "InitPlan" in plan, plan
     assert "Seq Scan on jobs" not in plan, plan
 
 

@@ -122,6 +122,24 @@ UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $5,
 WHERE id IN (SELECT id FROM picked) AND reserved_at IS NULL
 RETURNING {JOB_COLUMNS}, lease_id
 """
+# The most common reserve, one job of one name, needs neither the merge of names nor the
+# payload budget (the first job always goes): a single-row pick, evaluated once (an
+# InitPlan), at about half the database's CPU of the general statement. The name comes
+# through unnest like there, so the planner always takes the ready index's range.
+RESERVE_ONE = f"""
+UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $3,
+    lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1)::text,
+    lease_expires_at = $4
+WHERE id = (
+    SELECT c.id FROM unnest($1::text[]) AS n(name) CROSS JOIN LATERAL (
+        SELECT id FROM jobs
+        WHERE jobs.name = n.name AND reserved_at IS NULL AND available_at <= $2
+        ORDER BY available_at, id LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+) AND reserved_at IS NULL
+RETURNING {JOB_COLUMNS}, lease_id
+"""
 # Ack, set-based: one statement moves a whole run of acks to the succeeded jobs; fencing
 # is the (id, lease_id) match. A pair given twice matches its row once.
 ACK = """
@@ -299,6 +317,10 @@ async def enqueue_many_once(
 async def reserve(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> list[list[Lease]]:
     results = []
     for names, worker_id, max_jobs, now, expires_at, max_bytes in items:
+        if len(names) == 1 and max_jobs == 1:
+            rows = await conn.fetch(RESERVE_ONE, list(names), now, worker_id, expires_at)
+            results.append(leases_from(rows, expires_at))
+            continue
         limit = NO_LIMIT if max_bytes is None else max_bytes
         rows = await conn.fetch(RESERVE, list(names), now, max_jobs, limit, worker_id, expires_at)
         results.append(leases_from(rows, expires_at))
