@@ -439,6 +439,9 @@ async def probe(conn: Conn, group: Group, items: list[None]) -> list[None]:
     return [None for _ in items]
 
 
+# Writes a crash of the database may undo without breaking a promise (see _connection).
+VOLATILE = frozenset({"reserve", "extend", "release", "probe"})
+
 # Kinds whose handler sends exactly one statement for one item and announces nothing.
 ONE_STATEMENT = frozenset({"reserve", "ack", "extend"})
 
@@ -467,7 +470,7 @@ class PostgresStorage(SqlStorage):
         self._sender = os.urandom(6).hex()  # to skip this replica's own notifications
         self._listener: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set once LISTEN is up (tests wait for it)
-        self._conn: Conn | None = None
+        self._conns: dict[bool, Conn] = {}  # the writer's: durable (False), volatile (True)
         self._writer = Writer(self._apply)
 
     async def migrate(self) -> None:
@@ -481,18 +484,17 @@ class PostgresStorage(SqlStorage):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
         await super().close()
-        if self._conn is not None:
+        for conn in self._conns.values():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._conn.close(), 2)
-            self._conn = None
+                await asyncio.wait_for(conn.close(), 2)
+        self._conns.clear()
 
     # -- the writer ---------------------------------------------------------------------
 
     async def _apply_group(self, group: list[Op]) -> list[Any]:
+        volatile = all(op.kind in VOLATILE for op in group)
         try:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(self._dsn)
-            conn = self._conn
+            conn = await self._connection(volatile)
             if len(group) == 1 and group[0].kind in ONE_STATEMENT:
                 # One statement is atomic by itself: no BEGIN and COMMIT round trips.
                 op = group[0]
@@ -510,10 +512,24 @@ class PostgresStorage(SqlStorage):
                     await conn.execute(NOTIFY, CHANNEL, payloads)
             return results
         except OUTAGES as exc:
-            if self._conn is not None and not self._conn.is_closed():
-                self._conn.terminate()
-            self._conn = None
+            for conn in self._conns.values():
+                if not conn.is_closed():
+                    conn.terminate()
+            self._conns.clear()
             raise StorageUnavailable(f"database unavailable: {exc}") from exc
+
+    async def _connection(self, volatile: bool) -> Conn:
+        """The writer's connection for durable groups, or the one for groups a crash may
+        undo harmlessly (leases, extends, releases: the job just comes back, as after an
+        expiry), whose commits do not wait for the disk (synchronous_commit off). The
+        writer runs one group at a time, so either way they apply in order."""
+        conn = self._conns.get(volatile)
+        if conn is None or conn.is_closed():
+            settings = {"synchronous_commit": "off"} if volatile else {}
+            conn = self._conns[volatile] = await asyncpg.connect(
+                self._dsn, server_settings=settings
+            )
+        return conn
 
     # -- cross-replica wake-ups ---------------------------------------------------------
 
