@@ -309,8 +309,11 @@ class ExtendBatchRequest(LeaseIdsRequest):
     )
 
 
-class FailItemRequest(StrictBody):
-    id: LeaseIdIn
+class FailRequest(StrictBody):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"exception": "SMTP timeout", "retry_in_ms": 5000}]}
+    )
+
     exception: Annotated[str, NoNul, AfterValidator(_exception_size)] = Field(
         max_length=65536,
         strict=True,
@@ -323,6 +326,16 @@ class FailItemRequest(StrictBody):
         default=None,
         description="Retry after this long instead of the default exponential backoff.",
     )
+
+
+class FailItemRequest(FailRequest):
+    """One fail of a batch: the single fail's body plus the lease it is for."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"id": EXAMPLE_LEASE_ID, "exception": "SMTP timeout"}]}
+    )
+
+    id: LeaseIdIn
 
 
 class FailBatchRequest(StrictBody):
@@ -352,25 +365,6 @@ class FailBatchRequest(StrictBody):
     def _distinct_ids(self) -> "FailBatchRequest":
         _distinct([item.id for item in self.items], "items")
         return self
-
-
-class FailRequest(StrictBody):
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"exception": "SMTP timeout", "retry_in_ms": 5000}]}
-    )
-
-    exception: Annotated[str, NoNul, AfterValidator(_exception_size)] = Field(
-        max_length=65536,
-        strict=True,
-        description="What went wrong (up to 64 KiB of UTF-8).",
-        json_schema_extra={"pattern": NO_NUL_PATTERN},
-    )
-    retry_in_ms: Annotated[int | None, Integral] = strict_int(
-        0,
-        2_592_000_000,
-        default=None,
-        description="Retry after this long instead of the default exponential backoff.",
-    )
 
 
 class ExtendRequest(StrictBody):
