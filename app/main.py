@@ -55,7 +55,6 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             max_payload_bytes=settings.max_payload_bytes,
             retry_base_ms=settings.retry_base_ms,
             retry_max_ms=settings.retry_max_ms,
-            poll_recheck_ms=settings.poll_recheck_ms,
             max_waiting_polls=settings.max_waiting_polls,
             max_response_bytes=settings.max_response_bytes,
             retain_succeeded_hours=settings.retain_succeeded_hours,

@@ -156,12 +156,14 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.env = {**os.environ, **(env or {})}
         self.log_path = log or Path(os.devnull)
+        self.cwd: Path | None = None  # where the server runs (None: here)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.command(),
+                cwd=self.cwd,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -43,28 +43,7 @@ class ReleaseServer(ServerProcess):
     def __init__(self, source: Path, database_url: str, port: int, log: Path) -> None:
         env = {"PYTHONPATH": str(source), "BGJOBS_AUTO_MIGRATE": "true", **NO_RECHECK}
         super().__init__(database_url, port, env, log)
-        self.source = source
-
-    def start(self) -> None:
-        """ServerProcess.start, with the release's tree as the working directory."""
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                cwd=self.source,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError(f"server did not become ready in 20 s: {self.output()}")
+        self.cwd = source
 
 
 def previous_release(into: Path) -> Path:

@@ -61,7 +61,6 @@ class Limits:
     max_payload_bytes: int = 1024 * 1024
     retry_base_ms: int = 1000
     retry_max_ms: int = 3_600_000
-    poll_recheck_ms: int = 5000
     max_waiting_polls: int = 1000
     max_response_bytes: int = 8 * 1024 * 1024
     retain_succeeded_hours: int = 7 * 24  # 0: keep forever
