@@ -391,6 +391,8 @@ def probe(conn: sqlite3.Connection, items: list[None]) -> list[None]:
 
 # Writes a power loss may undo without breaking a promise (see SqliteStorage._sync_for).
 VOLATILE = frozenset({"reserve", "extend", "release", "probe"})
+# Kinds that may take long (a batch of hundreds of deletes): never run on the loop.
+OFF_LOOP = frozenset({"prune"})
 
 HANDLERS: dict[str, Callable[[sqlite3.Connection, list[Any]], list[Any]]] = {
     "enqueue": enqueue,
@@ -488,8 +490,9 @@ class SqliteStorage(SqlStorage):
     async def _apply_group(self, group: list[Op]) -> list[Any]:
         """A lone write runs right here: on a server pinned to one core, a hop to another
         thread waits for this one to sleep, which costs more than the write. A group goes
-        to the writer's thread, so its commit overlaps with reading the next requests."""
-        if len(group) == 1:
+        to the writer's thread, so its commit overlaps with reading the next requests; so
+        does a prune batch, so that requests go on while it deletes."""
+        if len(group) == 1 and group[0].kind not in OFF_LOOP:
             return self._run(group)
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._run, group)
 
