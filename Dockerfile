@@ -11,7 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /srv/bgjobs
 COPY pyproject.toml README.md ./
 COPY app ./app
-RUN pip install --no-cache-dir . \
+COPY clients/python ./clients/python
+RUN pip install --no-cache-dir ./clients/python . \
     && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home bgjobs \
     && mkdir -p /data \
     && chown bgjobs:bgjobs /data

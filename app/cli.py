@@ -1,18 +1,27 @@
-"""The `bgjobs` console command: `bgjobs serve` and `bgjobs migrate`."""
+"""The server's part of the `bgjobs` command: `bgjobs serve` and `bgjobs migrate`."""
 
 import argparse
 import asyncio
 import ipaddress
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from app.api.auth import parse_tokens
 from app.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m app.cli serve|migrate`: the server's commands without the client's."""
     parser = argparse.ArgumentParser(prog="bgjobs", description="bgjobs-server: an HTTP job queue")
-    commands = parser.add_subparsers(dest="command", required=True)
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+def register(commands: Any) -> None:
+    """Add `serve` and `migrate` to the `bgjobs` command (the client's distribution owns
+    it and finds this through the `bgjobs.commands` entry-point group)."""
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
@@ -22,34 +31,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="allow listening beyond loopback with no API tokens (anyone reaching the port "
         "can enqueue, work and delete)",
     )
+    serve.set_defaults(run=run_serve)
     migrate = commands.add_parser("migrate", help="bring the database schema up to date")
+    migrate.set_defaults(run=lambda args: asyncio.run(migrate_command(settings_of(args))))
     for command in (serve, migrate):
         command.add_argument(
             "--database-url",
             help="SQLAlchemy URL, e.g. sqlite+aiosqlite:///bgjobs.db or "
             "postgresql+asyncpg://user:pw@host/db (default: bgjobs.db here)",
         )
-    args = parser.parse_args(argv)
-    settings = Settings(
-        **{
-            key: value
-            for key, value in vars(args).items()
-            if key in ("host", "port", "database_url") and value is not None
-        }
-    )
-    if args.command == "serve":
-        refusal = exposure_refusal(settings, args.insecure)
-        if refusal:
-            parser.exit(2, f"bgjobs: {refusal}\n")
-        if args.insecure and exposure_refusal(settings, insecure=False):
-            print(
-                f"bgjobs: WARNING: open server on {settings.host} (--insecure): anyone who "
-                "can reach it can enqueue, lease and delete jobs",
-                file=sys.stderr,
-            )
-        serve_command(settings)
-    else:
-        asyncio.run(migrate_command(settings))
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags given on the command line on top."""
+    flags = {
+        key: value
+        for key, value in vars(args).items()
+        if key in ("host", "port", "database_url") and value is not None
+    }
+    return Settings(**flags)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    settings = settings_of(args)
+    refusal = exposure_refusal(settings, args.insecure)
+    if refusal:
+        print(f"bgjobs: {refusal}", file=sys.stderr)
+        sys.exit(2)
+    if args.insecure and exposure_refusal(settings, insecure=False):
+        print(
+            f"bgjobs: WARNING: open server on {settings.host} (--insecure): anyone who "
+            "can reach it can enqueue, lease and delete jobs",
+            file=sys.stderr,
+        )
+    serve_command(settings)
 
 
 def exposure_refusal(settings: Settings, insecure: bool) -> str | None:
