@@ -9,12 +9,14 @@ command gets SIGTERM, then SIGKILL, and the job fails.
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from bgjobs_client.models import Job
 
-STDERR_KEPT = 64 * 1024  # the end of stderr that goes into the job's exception
+# The end of stderr that goes into the job's exception (the server takes 64 KiB in all).
+STDERR_KEPT = 60 * 1024
 KILL_AFTER_S = 5.0  # between SIGTERM and SIGKILL on a timeout
 
 
@@ -39,10 +41,11 @@ def command_handler(argv: Sequence[str], timeout: float | None) -> Callable[[Job
             stdout=None,  # the worker's own stdout: the command's output is its log
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            start_new_session=True,  # its own process group: a timeout stops its children too
         )
-        talking = asyncio.ensure_future(child.communicate(job.payload.encode()))
+        talking = asyncio.ensure_future(converse(child, job.payload.encode()))
         try:
-            _, stderr = await asyncio.wait_for(asyncio.shield(talking), timeout)
+            stderr = await asyncio.wait_for(asyncio.shield(talking), timeout)
         except TimeoutError:
             await stop(child, talking)
             raise CommandFailed(f"timed out after {timeout:g} s: sent SIGTERM") from None
@@ -50,21 +53,48 @@ def command_handler(argv: Sequence[str], timeout: float | None) -> Callable[[Job
             await stop(child, talking)
             raise
         if child.returncode != 0:
-            tail = stderr[-STDERR_KEPT:].decode(errors="replace")
+            tail = stderr.decode(errors="replace")
             raise CommandFailed(f"exit status {child.returncode}\n{tail}".rstrip())
 
     return run
 
 
+async def converse(child: asyncio.subprocess.Process, payload: bytes) -> bytes:
+    """Write the payload to stdin, and read stderr to the end keeping only its last
+    STDERR_KEPT bytes (a chatty command must not fill the worker's memory)."""
+    stdin, stderr = child.stdin, child.stderr
+    assert stdin is not None and stderr is not None
+
+    async def feed() -> None:  # beside the reading: a big payload must not deadlock
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it need not read
+            stdin.write(payload)
+            await stdin.drain()
+        stdin.close()
+
+    feeding = asyncio.ensure_future(feed())
+    kept = bytearray()
+    while chunk := await stderr.read(65536):
+        kept += chunk
+        del kept[:-STDERR_KEPT]
+    await feeding
+    await child.wait()
+    return bytes(kept)
+
+
 async def stop(child: asyncio.subprocess.Process, talking: "asyncio.Future[Any]") -> None:
-    """SIGTERM, then SIGKILL if it has not exited after KILL_AFTER_S."""
-    with contextlib.suppress(ProcessLookupError):
-        child.terminate()
+    """SIGTERM to the command's process group, then SIGKILL if it has not exited after
+    KILL_AFTER_S (a shell's children would otherwise hold its stderr open)."""
+    signal_group(child, signal.SIGTERM)
     try:
         await asyncio.wait_for(child.wait(), KILL_AFTER_S)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            child.kill()
-        await child.wait()
+        pass
+    signal_group(child, signal.SIGKILL)  # whatever of the group is left
+    await child.wait()
     with contextlib.suppress(Exception):
         await talking
+
+
+def signal_group(child: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, sig)
