@@ -1,9 +1,15 @@
 """The README is true: its walk-through runs as written and CI runs its test command."""
 
+import os
 import re
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -40,3 +46,71 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "bgjobs serve" in run
     assert "pytest" in test
     assert test.strip() in (ROOT / ".ci" / "run").read_text()
+
+
+def blocks(section: str, language: str) -> list[str]:
+    body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", body, re.DOTALL)
+
+
+def read_until(process: subprocess.Popen[str], wanted: str, seen: list[str]) -> None:
+    """Read the process's stdout lines until one contains `wanted`."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        seen.append(line)
+        if wanted in line:
+            return
+    raise AssertionError(f"{wanted!r} never came; output: {''.join(seen)}")
+
+
+def test_the_sdk_quick_start_runs_as_written(server_process: Any, tmp_path: Path) -> None:
+    (script,) = blocks("Workers and the Python SDK", "python")
+    assert 'Client("http://127.0.0.1:8000"' in script
+    with server_process() as server:
+        path = tmp_path / "quickstart.py"
+        path.write_text(script.replace("http://127.0.0.1:8000", server.url, 1))
+        process = subprocess.Popen(
+            [sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        seen: list[str] = []
+        try:
+            read_until(process, 'sending {"to": "ada@example.com"} attempt 1', seen)
+            job_id = seen[0].split()[1]
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{server.url}/jobs/{job_id}").json()["state"] != "succeeded":
+                assert time.monotonic() < deadline, "the quick start's job did not succeed"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=30)
+        finally:
+            process.kill()
+    assert seen[0].startswith("enqueued ") and seen[0].strip().endswith(" available")
+    assert process.returncode == 0, err
+
+
+def test_the_bgjobs_work_example_runs_as_written(server_process: Any, tmp_path: Path) -> None:
+    (script,) = blocks("Workers and the Python SDK", "bash")
+    first = "export BGJOBS_URL=http://127.0.0.1:8000\n"
+    assert script.startswith(first)
+    with server_process() as server:
+        script = script.replace(first, f"export BGJOBS_URL={server.url}\n", 1)
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        process = subprocess.Popen(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path, env=env, text=True, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        seen: list[str] = []
+        try:
+            read_until(process, "resizing photos/1.jpg (job ", seen)
+            (job,) = httpx.get(f"{server.url}/jobs/succeeded").json()["items"] or [None]
+            deadline = time.monotonic() + 30
+            while job is None:
+                assert time.monotonic() < deadline, "the example's job did not succeed"
+                time.sleep(0.05)
+                (job,) = httpx.get(f"{server.url}/jobs/succeeded").json()["items"] or [None]
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.communicate(timeout=30)
+    assert job["payload"] == "photos/1.jpg"
+    assert any(f"(job {job['id']})" in line for line in seen)
