@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import errors, health, jobs, leases
+from app.api import bulk, errors, health, jobs, leases
 from app.api.auth import parse_tokens
 from app.api.body import with_documented_bodies
 from app.api.fastlane import FastLane
@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     errors.install(app)
     app.add_middleware(FastLane)  # inside BodyLimit: the hot routes' bodies are bounded too
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    for module in (jobs, leases, health):
+    for module in (bulk, jobs, leases, health):
         app.include_router(module.router)
     generate = app.openapi
 

@@ -36,6 +36,8 @@ REQUESTS = [  # (scope needed, method, path, body)
     ("read", "GET", "/jobs/x", None),
     ("admin", "DELETE", "/jobs/x", None),
     ("admin", "POST", "/jobs/x/retry", None),
+    ("admin", "POST", "/jobs/retry", {"ids": ["x"]}),
+    ("admin", "POST", "/jobs/delete", {"filter": {"state": "failed"}}),
 ]
 
 

@@ -639,3 +639,137 @@ class FailResultsOut(BaseModel):
 
 class ExtendResultsOut(BaseModel):
     results: list[ExtendItemOut | ItemErrorOut] = Field(description="One per id, in request order.")
+
+
+# -- bulk actions (POST /jobs/retry, POST /jobs/delete) ------------------------------------
+
+JobIdIn = Annotated[
+    str, Field(min_length=1, max_length=255, strict=True, examples=[EXAMPLE_JOB_ID])
+]
+RESERVED_REFUSAL = (
+    "reserved jobs belong to the workers holding them and cannot be retried or deleted in "
+    "bulk; wait for their leases to end"
+)
+
+
+def _not_reserved(value: object) -> object:
+    if value == "reserved":
+        raise ValueError(RESERVED_REFUSAL)
+    return value
+
+
+class DeleteFilter(StrictBody):
+    state: Annotated[
+        Literal["available", "scheduled", "succeeded", "failed"], BeforeValidator(_not_reserved)
+    ] = Field(description="Every job in this state (as of the call's start).")
+    name: JobName | None = Field(default=None, description="Only jobs of this name.")
+
+
+class RetryFilter(StrictBody):
+    state: Literal["failed"] = Field(description="Only failed jobs retry.")
+    name: JobName | None = Field(default=None, description="Only jobs of this name.")
+
+
+def _ids_xor_filter(ids: object, filter_: object) -> None:
+    if (ids is None) == (filter_ is None):
+        raise ValueError('send either "ids" or "filter", not both and not neither')
+
+
+def _distinct_ids(ids: list[str] | None) -> list[str] | None:
+    if ids is not None and len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        for job_id in ids:
+            if job_id in seen:
+                raise ValueError(f"job id {job_id!r} is repeated: each may appear once in ids")
+            seen.add(job_id)
+    return ids
+
+
+BulkIds = Annotated[
+    list[JobIdIn] | None,
+    AfterValidator(_distinct_ids),
+    Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="1 to 1,000 distinct job ids: one result each.",
+        json_schema_extra={"uniqueItems": True},
+    ),
+]
+
+
+class DeleteJobsRequest(StrictBody):
+    """Exactly one of `ids` or `filter`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"ids": [EXAMPLE_JOB_ID]},
+                {"filter": {"state": "failed", "name": "send_email"}},
+            ]
+        }
+    )
+
+    ids: BulkIds
+    filter: DeleteFilter | None = Field(default=None, description="Every job matching it.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "DeleteJobsRequest":
+        _ids_xor_filter(self.ids, self.filter)
+        return self
+
+
+class RetryJobsRequest(StrictBody):
+    """Exactly one of `ids` or `filter`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"ids": [EXAMPLE_JOB_ID]}, {"filter": {"state": "failed"}}]}
+    )
+
+    ids: BulkIds
+    filter: RetryFilter | None = Field(default=None, description="Every failed job matching it.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "RetryJobsRequest":
+        _ids_xor_filter(self.ids, self.filter)
+        return self
+
+
+class BulkItemErrorOut(BaseModel):
+    """One id that was refused: unknown, not failed (retry), or reserved (delete)."""
+
+    id: str
+    status: Literal[404, 409]
+    code: Literal["not_found", "not_failed", "reserved"]
+    detail: str
+
+
+class RetriedItemOut(BaseModel):
+    id: str
+    status: Literal[200]
+    job: JobOut
+
+
+class DeletedItemOut(BaseModel):
+    id: str
+    status: Literal[200]
+
+
+class RetryResultsOut(BaseModel):
+    results: list[RetriedItemOut | BulkItemErrorOut] = Field(description="One per id, in order.")
+
+
+class DeleteResultsOut(BaseModel):
+    results: list[DeletedItemOut | BulkItemErrorOut] = Field(description="One per id, in order.")
+
+
+class BulkFilterOut(BaseModel):
+    """What a filter call did; call again while `more`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"done": 120, "skipped": 1, "more": False}]}
+    )
+
+    done: int = Field(description="Jobs retried or deleted.")
+    skipped: int = Field(description="Jobs that changed since the walk saw them (e.g. leased).")
+    more: bool = Field(description="The 10,000-job cap was reached: call again for the rest.")

@@ -166,3 +166,8 @@ class EnqueuedBatch:
     jobs: list[AnyJob | None]
     created: bool
     same_request: bool = True
+
+
+def could_exist(some_id: str) -> bool:
+    """Ids never hold NUL, and PostgreSQL cannot even compare such a string: don't ask it."""
+    return "\x00" not in some_id

@@ -30,6 +30,10 @@ from app.queue.models import (
 )
 
 CancelResult = Literal["deleted", "reserved", "missing"]
+# Where a delete may find its job: anywhere (a single DELETE /jobs/{id}), or only in one
+# place (a bulk delete by state must not delete a job that has moved on since).
+DeleteScope = Literal["any", "pending", "succeeded", "failed"]
+BulkState = Literal["available", "scheduled", "succeeded", "failed"]
 PruneKind = Literal["succeeded", "failed", "idempotency_keys", "batch_keys"]
 
 
@@ -49,6 +53,17 @@ class PendingQuery:
     name: str | None
     limit: int
     after: tuple[datetime, str] | None  # keyset: (available_at, id) of the last row seen
+
+
+@dataclass(slots=True, frozen=True)
+class WalkQuery:
+    """A bulk action's walk over the jobs that were in `state` at `t0`, oldest first."""
+
+    state: BulkState
+    name: str | None
+    t0: datetime
+    limit: int
+    after: tuple[datetime, str] | None  # keyset: (time, id) of the last row seen
 
 
 @dataclass(slots=True, frozen=True)
@@ -163,6 +178,16 @@ class Storage(Protocol):
 
     async def retry_failed(self, job_id: str, now: datetime) -> Job | None:
         """Move a failed job back to pending, available now, with attempts 0."""
+
+    async def retry_failed_many(self, job_ids: Sequence[str], now: datetime) -> list[Job | None]:
+        """`retry_failed` for each, in one transaction."""
+
+    async def delete_many(self, items: Sequence[tuple[str, DeleteScope]]) -> list[CancelResult]:
+        """Delete each job where its scope allows (a reserved job never), in one transaction."""
+
+    async def walk(self, query: WalkQuery) -> list[tuple[datetime, str]]:
+        """(time, id) of the next jobs that were in `query.state` at `query.t0`: failed or
+        succeeded by then, or pending, unreserved and created by then, in (time, id) order."""
 
     async def list_pending(self, query: PendingQuery, now: datetime) -> list[Job]: ...
 

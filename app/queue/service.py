@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
 from app.queue.backoff import backoff_ms
+from app.queue.bulk import BulkActions
 from app.queue.clock import Clock
 from app.queue.cursor import decode_cursor, encode_cursor
 from app.queue.errors import (
@@ -48,6 +49,7 @@ from app.queue.models import (
     PendingState,
     Retrying,
     SucceededJob,
+    could_exist,
     parse_lease_id,
 )
 from app.queue.notifier import Notifier, Waiter
@@ -129,11 +131,6 @@ def _or_raise(result: R | QueueError) -> R:
     return result
 
 
-def could_exist(some_id: str) -> bool:
-    """Ids never hold NUL, and PostgreSQL cannot even compare such a string: don't ask it."""
-    return "\x00" not in some_id
-
-
 class QueueService:
     def __init__(
         self,
@@ -150,6 +147,7 @@ class QueueService:
         self._rand = rand
         self._waiting = 0
         self.stopping = False
+        self.bulk = BulkActions(storage, notifier, clock)
 
     # -- producers ----------------------------------------------------------------------
 

@@ -31,11 +31,13 @@ from app.queue.models import (
 )
 from app.queue.ports import (
     CancelResult,
+    DeleteScope,
     FailItem,
     HistoryQuery,
     LeasePosition,
     PendingQuery,
     PruneKind,
+    WalkQuery,
 )
 from app.storage import migrate
 from app.storage.tables import FailedJobRow, JobRow, SucceededJobRow
@@ -221,8 +223,14 @@ class SqlStorage:
         return result
 
     async def cancel(self, job_id: str) -> CancelResult:
-        result: CancelResult = await self._writer.submit("cancel", job_id)
+        result: CancelResult = await self._writer.submit("cancel", (job_id, "any"))
         return result
+
+    async def delete_many(self, items: Sequence[tuple[str, DeleteScope]]) -> list[CancelResult]:
+        return await self._writer.submit_many("cancel", list(items))
+
+    async def retry_failed_many(self, job_ids: Sequence[str], now: datetime) -> list[Job | None]:
+        return await self._writer.submit_many("retry_failed", [(i, now) for i in job_ids])
 
     async def retry_failed(self, job_id: str, now: datetime) -> Job | None:
         result: Job | None = await self._writer.submit("retry_failed", (job_id, now))
@@ -340,6 +348,28 @@ class SqlStorage:
             stmt = stmt.where(tuple_(finished, table.c.id) < query.before)
         async with self._read() as conn:
             return (await conn.execute(stmt)).mappings().all()
+
+    async def walk(self, query: WalkQuery) -> list[tuple[datetime, str]]:
+        """Along each table's (time, id) index; `t0` bounds it, so rows that arrive during
+        a bulk action are never reached."""
+        if query.state in ("succeeded", "failed"):
+            table = succeeded if query.state == "succeeded" else failed
+            moment = table.c[f"{query.state}_at"]
+            stmt = select(moment, table.c.id).where(moment <= query.t0)
+        else:
+            table, moment = jobs, jobs.c.available_at
+            stmt = select(moment, jobs.c.id).where(
+                jobs.c.reserved_at.is_(None),
+                jobs.c.created_at <= query.t0,
+                moment <= query.t0 if query.state == "available" else moment > query.t0,
+            )
+        if query.name is not None:
+            stmt = stmt.where(table.c.name == query.name)
+        if query.after is not None:
+            stmt = stmt.where(tuple_(moment, table.c.id) > query.after)
+        stmt = stmt.order_by(moment, table.c.id).limit(query.limit)
+        async with self._read() as conn:
+            return [(row[0], row[1]) for row in (await conn.execute(stmt)).all()]
 
 
 async def _first(conn: AsyncConnection, stmt: Select[Any]) -> RowMapping | None:

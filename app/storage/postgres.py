@@ -38,7 +38,7 @@ from app.queue.models import (
     Retrying,
     SucceededJob,
 )
-from app.queue.ports import CancelResult
+from app.queue.ports import CancelResult, DeleteScope
 from app.storage import migrate
 from app.storage.common import (
     FAILED_COLUMNS,
@@ -181,10 +181,10 @@ RELEASE = (
 )
 CANCEL_PENDING = "DELETE FROM jobs WHERE id = $1 AND reserved_at IS NULL"
 IS_PENDING = "SELECT 1 FROM jobs WHERE id = $1"
-DELETE_FINISHED = (
-    "DELETE FROM succeeded_jobs WHERE id = $1",
-    "DELETE FROM failed_jobs WHERE id = $1",
-)
+DELETE_FINISHED = {
+    "succeeded": "DELETE FROM succeeded_jobs WHERE id = $1",
+    "failed": "DELETE FROM failed_jobs WHERE id = $1",
+}
 TAKE_FAILED = (
     "DELETE FROM failed_jobs WHERE id = $1 "
     "RETURNING id, name, payload, max_retries, created_at, lease_seq"
@@ -386,18 +386,21 @@ async def release(
     return results
 
 
-async def cancel(conn: Conn, group: Group, items: list[str]) -> list[CancelResult]:
-    async def one(job_id: str) -> CancelResult:
-        if await conn.execute(CANCEL_PENDING, job_id) != "DELETE 0":
-            return "deleted"
-        if await conn.fetchval(IS_PENDING, job_id) is not None:
-            return "reserved"
-        for sql in DELETE_FINISHED:
-            if await conn.execute(sql, job_id) != "DELETE 0":
+async def cancel(
+    conn: Conn, group: Group, items: list[tuple[str, DeleteScope]]
+) -> list[CancelResult]:
+    async def one(job_id: str, scope: DeleteScope) -> CancelResult:
+        if scope in ("any", "pending"):
+            if await conn.execute(CANCEL_PENDING, job_id) != "DELETE 0":
+                return "deleted"
+            if await conn.fetchval(IS_PENDING, job_id) is not None:
+                return "reserved"
+        for table, sql in DELETE_FINISHED.items():
+            if scope in ("any", table) and await conn.execute(sql, job_id) != "DELETE 0":
                 return "deleted"
         return "missing"
 
-    return [await one(job_id) for job_id in items]
+    return [await one(job_id, scope) for job_id, scope in items]
 
 
 async def retry_failed(

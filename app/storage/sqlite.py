@@ -40,7 +40,7 @@ from app.queue.models import (
     Retrying,
     SucceededJob,
 )
-from app.queue.ports import CancelResult
+from app.queue.ports import CancelResult, DeleteScope
 from app.storage.common import (
     FAILED_COLUMNS,
     JOB_COLUMNS,
@@ -126,10 +126,10 @@ RELEASE = (
 )
 CANCEL_PENDING = "DELETE FROM jobs WHERE id = ? AND reserved_at IS NULL"
 IS_PENDING = "SELECT 1 FROM jobs WHERE id = ?"
-DELETE_FINISHED = (
-    "DELETE FROM succeeded_jobs WHERE id = ?",
-    "DELETE FROM failed_jobs WHERE id = ?",
-)
+DELETE_FINISHED = {
+    "succeeded": "DELETE FROM succeeded_jobs WHERE id = ?",
+    "failed": "DELETE FROM failed_jobs WHERE id = ?",
+}
 TAKE_FAILED = (
     "DELETE FROM failed_jobs WHERE id = ? "
     "RETURNING id, name, payload, max_retries, created_at, lease_seq"
@@ -342,18 +342,19 @@ def release(conn: sqlite3.Connection, items: list[tuple[str, str, datetime]]) ->
     return results
 
 
-def cancel(conn: sqlite3.Connection, items: list[str]) -> list[CancelResult]:
-    def one(job_id: str) -> CancelResult:
-        if conn.execute(CANCEL_PENDING, (job_id,)).rowcount:
-            return "deleted"
-        if conn.execute(IS_PENDING, (job_id,)).fetchone() is not None:
-            return "reserved"
-        for sql in DELETE_FINISHED:
-            if conn.execute(sql, (job_id,)).rowcount:
+def cancel(conn: sqlite3.Connection, items: list[tuple[str, DeleteScope]]) -> list[CancelResult]:
+    def one(job_id: str, scope: DeleteScope) -> CancelResult:
+        if scope in ("any", "pending"):
+            if conn.execute(CANCEL_PENDING, (job_id,)).rowcount:
+                return "deleted"
+            if conn.execute(IS_PENDING, (job_id,)).fetchone() is not None:
+                return "reserved"
+        for table, sql in DELETE_FINISHED.items():
+            if scope in ("any", table) and conn.execute(sql, (job_id,)).rowcount:
                 return "deleted"
         return "missing"
 
-    return [one(job_id) for job_id in items]
+    return [one(job_id, scope) for job_id, scope in items]
 
 
 def retry_failed(conn: sqlite3.Connection, items: list[tuple[str, datetime]]) -> list[Job | None]:

@@ -1,0 +1,233 @@
+"""Bulk retry and delete (POST /jobs/retry, POST /jobs/delete) on both backends: by ids
+with a result per id, and by filter, which neither chases arrivals nor retries twice."""
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from app.queue.clock import OffsetClock
+from app.queue.ports import WalkQuery
+from app.queue.service import QueueService
+from tests.conftest import enqueue, lease
+
+
+async def failed_jobs(client: httpx.AsyncClient, name: str, n: int) -> list[str]:
+    """`n` jobs of `name` in the failed jobs, enqueued in batches and failed in one call."""
+    ids: list[str] = []
+    for start in range(0, n, 1000):
+        batch = [
+            {"name": name, "payload": str(i), "max_retries": 0}
+            for i in range(start, min(n, start + 1000))
+        ]
+        response = await client.post("/jobs/batch", json={"jobs": batch})
+        assert response.status_code == 201, response.text
+        ids += [job["id"] for job in response.json()["jobs"]]
+        leases = await lease(client, [name], max_jobs=1000)
+        items = [{"id": item["id"], "exception": "boom"} for item in leases]
+        failed = await client.post("/leases/fail", json={"items": items})
+        assert all(r["status"] == 200 for r in failed.json()["results"])
+    return ids
+
+
+async def states(client: httpx.AsyncClient, ids: list[str]) -> dict[str, str]:
+    return {
+        job_id: (await client.get(f"/jobs/{job_id}")).json().get("state", "gone") for job_id in ids
+    }
+
+
+async def test_retry_by_ids_answers_each(client: httpx.AsyncClient) -> None:
+    (failed,) = await failed_jobs(client, "mail", 1)
+    pending = await enqueue(client, "mail")
+    response = await client.post("/jobs/retry", json={"ids": [failed, pending["id"], "nope"]})
+    assert response.status_code == 200, response.text
+    ok, not_failed, missing = response.json()["results"]
+    assert ok["id"] == failed and ok["status"] == 200 and ok["job"]["state"] == "available"
+    assert ok["job"]["attempts"] == 0
+    assert not_failed["status"] == 409 and not_failed["code"] == "not_failed"
+    assert "available, not failed" in not_failed["detail"]
+    assert missing == {
+        "id": "nope",
+        "status": 404,
+        "code": "not_found",
+        "detail": "job 'nope' not found",
+    }
+    assert len(await lease(client, ["mail"], max_jobs=10)) == 2
+
+
+async def test_delete_by_ids_answers_each(client: httpx.AsyncClient) -> None:
+    available = await enqueue(client, "a")
+    reserved = await enqueue(client, "b")
+    await lease(client, ["b"])
+    (failed,) = await failed_jobs(client, "c", 1)
+    ids = [available["id"], reserved["id"], failed, "nope"]
+    response = await client.post("/jobs/delete", json={"ids": ids})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [(r["id"], r["status"], r.get("code")) for r in results] == [
+        (available["id"], 200, None),
+        (reserved["id"], 409, "reserved"),
+        (failed, 200, None),
+        ("nope", 404, "not_found"),
+    ]
+    assert await states(client, ids[:3]) == {
+        available["id"]: "gone",
+        reserved["id"]: "reserved",
+        failed: "gone",
+    }
+
+
+async def test_retry_by_filter_takes_only_that_name(client: httpx.AsyncClient) -> None:
+    mail = await failed_jobs(client, "mail", 30)
+    other = await failed_jobs(client, "other", 5)
+    response = await client.post(
+        "/jobs/retry", json={"filter": {"state": "failed", "name": "mail"}}
+    )
+    assert response.json() == {"done": 30, "skipped": 0, "more": False}
+    assert set((await states(client, mail)).values()) == {"available"}
+    assert set((await states(client, other)).values()) == {"failed"}
+
+
+async def test_a_filter_call_stops_at_10000_and_says_more(client: httpx.AsyncClient) -> None:
+    ids = await failed_jobs(client, "many", 10_050)
+    first = (await client.post("/jobs/delete", json={"filter": {"state": "failed"}})).json()
+    assert first == {"done": 10_000, "skipped": 0, "more": True}
+    second = (await client.post("/jobs/delete", json={"filter": {"state": "failed"}})).json()
+    assert second == {"done": 50, "skipped": 0, "more": False}
+    assert set((await states(client, ids[:3] + ids[-3:])).values()) == {"gone"}
+
+
+async def test_retry_by_filter_neither_chases_arrivals_nor_retries_twice(
+    client: httpx.AsyncClient,
+) -> None:
+    """While the call walks 3,000 failed jobs, a worker leases retried ones and fails them
+    again, and new jobs fail: the call retries each of the 3,000 once and nothing else."""
+    ids = set(await failed_jobs(client, "n", 3000))
+    refailed: set[str] = set()
+    arrivals: set[str] = set()
+    stop = asyncio.Event()
+
+    async def meddle() -> None:
+        while not stop.is_set():
+            await enqueue(client, "n", max_retries=0)
+            for item in await lease(client, ["n"], max_jobs=1000):
+                await client.post(f"/leases/{item['id']}/fail", json={"exception": "again"})
+                job_id = item["job"]["id"]
+                (refailed if job_id in ids else arrivals).add(job_id)
+
+    meddler = asyncio.create_task(meddle())
+    response = await client.post("/jobs/retry", json={"filter": {"state": "failed", "name": "n"}})
+    stop.set()
+    await meddler
+    assert response.json() == {"done": 3000, "skipped": 0, "more": False}
+    assert refailed and arrivals  # the meddling happened during the call
+    now = await states(client, sorted(ids | arrivals))
+    assert all(now[job_id] == "failed" for job_id in refailed)  # not retried a second time
+    assert all(now[job_id] == "failed" for job_id in arrivals)  # never chased
+    assert all(now[job_id] == "available" for job_id in ids - refailed)
+
+
+async def test_delete_by_filter_skips_what_was_leased_meanwhile(
+    client: httpx.AsyncClient, service: QueueService
+) -> None:
+    """The guard in SQL: a job the walk saw available but a worker leased before the
+    delete stays; then the same race through the endpoint, with a worker leasing along."""
+    job = await enqueue(client, "g")
+    walked = await service.storage.walk(WalkQuery("available", "g", service.clock.now(), 10, None))
+    assert [job_id for _, job_id in walked] == [job["id"]]
+    await lease(client, ["g"])
+    assert await service.storage.delete_many([(job["id"], "pending")]) == ["reserved"]
+
+    response = await client.post(
+        "/jobs/batch", json={"jobs": [{"name": "h", "payload": str(i)} for i in range(1000)]}
+    )
+    ids = [j["id"] for j in response.json()["jobs"]]
+    for start in range(1000, 3000, 1000):
+        more = [{"name": "h", "payload": str(i)} for i in range(start, start + 1000)]
+        ids += [
+            j["id"] for j in (await client.post("/jobs/batch", json={"jobs": more})).json()["jobs"]
+        ]
+    leased: set[str] = set()
+    stop = asyncio.Event()
+
+    async def work() -> None:
+        while not stop.is_set():
+            leased.update(item["job"]["id"] for item in await lease(client, ["h"], max_jobs=20))
+
+    worker = asyncio.create_task(work())
+    answer = (
+        await client.post("/jobs/delete", json={"filter": {"state": "available", "name": "h"}})
+    ).json()
+    stop.set()
+    await worker
+    now = await states(client, ids)
+    assert all(now[job_id] == "reserved" for job_id in leased)  # never deleted
+    assert {job_id for job_id, state in now.items() if state != "gone"} == leased
+    assert answer["done"] == 3000 - len(leased) and answer["more"] is False
+
+
+async def test_scheduled_and_succeeded_by_filter(
+    client: httpx.AsyncClient, clock: OffsetClock
+) -> None:
+    later = await enqueue(client, "s", available_in_ms=60_000)
+    now = await enqueue(client, "s")
+    (item,) = await lease(client, ["s"])
+    await client.post(f"/leases/{item['id']}/ack")
+    answer = await client.post("/jobs/delete", json={"filter": {"state": "scheduled"}})
+    assert answer.json() == {"done": 1, "skipped": 0, "more": False}
+    answer = await client.post("/jobs/delete", json={"filter": {"state": "succeeded", "name": "s"}})
+    assert answer.json() == {"done": 1, "skipped": 0, "more": False}
+    assert await states(client, [later["id"], now["id"]]) == {
+        later["id"]: "gone",
+        now["id"]: "gone",
+    }
+    clock.advance(timedelta(seconds=1))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "detail"),
+    [
+        ("/jobs/delete", {"filter": {"state": "reserved"}}, "reserved jobs belong to the workers"),
+        ("/jobs/retry", {"filter": {"state": "available"}}, "body.filter.state"),
+        ("/jobs/delete", {"ids": ["a"], "filter": {"state": "failed"}}, 'either "ids" or "filter"'),
+        ("/jobs/retry", {}, 'either "ids" or "filter"'),
+        ("/jobs/retry", {"ids": []}, "body.ids"),
+        ("/jobs/delete", {"ids": ["a", "b", "a"]}, "job id 'a' is repeated"),
+        ("/jobs/delete", {"ids": [str(i) for i in range(1001)]}, "body.ids"),
+        ("/jobs/delete", {"filter": {"state": "failed", "name": "bad name"}}, "body.filter.name"),
+        ("/jobs/retry", {"ids": ["a"], "extra": 1}, "body.extra"),
+    ],
+)
+async def test_bad_bulk_requests_are_422(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], detail: str
+) -> None:
+    job = await enqueue(client, "keep")
+    response = await client.post(path, json=body)
+    assert response.status_code == 422, response.text
+    assert detail in response.json()["detail"]
+    assert (await client.get(f"/jobs/{job['id']}")).json()["state"] == "available"
+
+
+async def test_bulk_actions_are_logged_with_a_token_fingerprint(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app.main import create_app
+    from app.settings import Settings
+
+    app = create_app(Settings(database_url=db_url, api_tokens="sekrit-admin=admin+enqueue+work"))
+    headers = {"Authorization": "Bearer sekrit-admin"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t", headers=headers
+        ) as c:
+            await failed_jobs(c, "x", 3)
+            with caplog.at_level(logging.INFO, logger="bgjobs.bulk"):
+                answer = await c.post("/jobs/retry", json={"filter": {"state": "failed"}})
+    assert answer.json()["done"] == 3
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "bgjobs.bulk"]
+    assert line.startswith("bulk retry of failed jobs by token sha256:") and "3 done" in line
+    assert "sekrit" not in caplog.text
