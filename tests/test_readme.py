@@ -9,13 +9,13 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-def bash_blocks(section: str) -> list[str]:
+def code_blocks(section: str, language: str = "bash") -> list[str]:
     body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```bash\n(.*?)```", body, re.DOTALL)
+    return re.findall(rf"```{language}\n(.*?)```", body, re.DOTALL)
 
 
 def test_walk_through_runs_as_written(server_process: Any) -> None:
-    (script,) = bash_blocks("Walk-through")
+    (script,) = code_blocks("Walk-through")
     assert script.startswith("URL=http://127.0.0.1:8000\n")
     with server_process() as server:
         script = script.replace("URL=http://127.0.0.1:8000", f"URL={server.url}", 1)
@@ -36,7 +36,22 @@ def test_walk_through_runs_as_written(server_process: Any) -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    run, test = bash_blocks("Set up")
+    run, test = code_blocks("Set up")
     assert "bgjobs serve" in run
     assert "pytest" in test
     assert test.strip() in (ROOT / ".ci" / "run").read_text()
+
+
+def test_clients_section_shows_what_ci_runs() -> None:
+    """The example scripts verbatim, and the same install commands as `.ci/run`."""
+    examples = ROOT / "clients" / "examples"
+    assert code_blocks("Clients", "python") == [(examples / "python" / "main.py").read_text()]
+    typescript = (examples / "typescript" / "main.ts").read_text()
+    assert code_blocks("Clients", "typescript") == [typescript]
+    (commands,) = code_blocks("Clients")
+    ci = (ROOT / ".ci" / "run").read_text()
+    for install in (
+        ".venv-clients/bin/pip install -q -r clients/examples/python/requirements.txt",
+        "npm ci --prefix clients/examples/typescript",
+    ):
+        assert install in commands and install in ci, install
