@@ -1,7 +1,7 @@
 """Any language gets a client from openapi/openapi.json. CI proves it for two: it generates
 a Python client (openapi-python-client) and TypeScript types (openapi-typescript, used with
-openapi-fetch), type-checks the TypeScript with `tsc --strict`, and runs the example
-scripts of clients/examples/ against a live server.
+openapi-fetch), type-checks the example scripts of clients/examples/ against them
+(`tsc --strict`, `mypy --strict`) and runs them against a live server.
 
 The tools come from `.ci/run` (see the README's Clients section): a venv in .venv-clients
 (or $BGJOBS_CLIENTS_VENV) and `npm ci` in clients/examples/typescript. Without them these
@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,14 @@ def test_python_client_runs_against_a_live_server(server_process: Any, tmp_path:
     path = f"{generator.parent}{os.pathsep}{os.environ.get('PATH', '')}"
     output = tmp_path / "client"
     run([generator, "generate", "--path", SPEC, "--output-path", output], PATH=path)
+    # The script type-checks against the generated package, as the TypeScript one does.
+    python = generator.parent / "python"
+    mypy = [Path(sys.executable).parent / "mypy", "--strict", "--python-executable", python]
+    script = EXAMPLES / "python" / "main.py"
+    run([*mypy, "--cache-dir", tmp_path / "mypy", script], MYPYPATH=str(output))
     with serve(server_process) as server:
         printed = run(
-            [generator.parent / "python", EXAMPLES / "python" / "main.py"],
+            [python, script],
             PYTHONPATH=str(output),
             BGJOBS_URL=server.url,
             BGJOBS_TOKEN=TOKEN,
@@ -119,17 +125,18 @@ def minimal_bodies(spec: dict[str, Any]) -> str:
     only if openapi-typescript's default flags leave every other field optional."""
     schemas = spec["components"]["schemas"]
     lines = ['import type { paths } from "./schema.js";']
+    cut = 0
     for path, item in spec["paths"].items():
         for method, operation in item.items():
             if "requestBody" not in operation:
                 continue
             ref = operation["requestBody"]["content"]["application/json"]["schema"]
-            schema = schemas[ref["$ref"].rsplit("/", 1)[1]]
-            example = schema["examples"][0]
+            example = schemas[ref["$ref"].rsplit("/", 1)[1]]["examples"][0]
             body = required_only(example, ref, schemas)
+            cut += body != example
             kind = f'paths["{path}"]["{method}"]["requestBody"]["content"]["application/json"]'
             lines.append(f"export const {operation['operationId']}: {kind} = {json.dumps(body)};")
-    assert len(lines) > 8, "every body-taking operation is covered"
+    assert cut >= 3, "the examples leave too few optional fields out to prove anything"
     return "\n".join(lines) + "\n"
 
 

@@ -170,7 +170,8 @@ class StrictBody(BaseModel):
             if "default" in field:
                 default = field.pop("default")
                 if default is not None:  # null is the same as absent: nothing to say
-                    field["description"] = f"{field.get('description', '')} Default: {default}."
+                    said = field.get("description", "")
+                    field["description"] = f"{said} Default: {default}.".strip()
         return schema
 
 
