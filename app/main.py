@@ -21,6 +21,8 @@ from app.settings import Settings
 from app.shutdown import on_stop_signal
 from app.storage import ensure_schema, open_storage
 
+ROUTERS = (bulk.router, jobs.router, leases.router, health.router)
+
 DESCRIPTION = """\
 An HTTP job queue. Producers enqueue jobs with `POST /jobs`; workers long-poll
 `POST /leases` to reserve them, then ack, fail, extend or release each lease; dashboards
@@ -98,8 +100,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     errors.install(app)
     app.add_middleware(FastLane)  # inside BodyLimit: the hot routes' bodies are bounded too
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    for module in (bulk, jobs, leases, health):
-        app.include_router(module.router)
+    for router in ROUTERS:
+        app.include_router(router)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-def bash_blocks(section: str) -> list[str]:
+def code_blocks(section: str, language: str = "bash") -> list[str]:
     body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```bash\n(.*?)```", body, re.DOTALL)
+    return re.findall(rf"```{language}\n(.*?)```", body, re.DOTALL)
 
 
 def test_walk_through_runs_as_written(server_process: Any) -> None:
-    (script,) = bash_blocks("Walk-through")
+    (script,) = code_blocks("Walk-through")
     assert script.startswith("URL=http://127.0.0.1:8000\n")
     with server_process() as server:
         script = script.replace("URL=http://127.0.0.1:8000", f"URL={server.url}", 1)
@@ -42,15 +42,10 @@ def test_walk_through_runs_as_written(server_process: Any) -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    run, test = bash_blocks("Set up")
+    run, test = code_blocks("Set up")
     assert "bgjobs serve" in run
     assert "pytest" in test
     assert test.strip() in (ROOT / ".ci" / "run").read_text()
-
-
-def blocks(section: str, language: str) -> list[str]:
-    body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(rf"```{language}\n(.*?)```", body, re.DOTALL)
 
 
 def read_until(process: subprocess.Popen[str], wanted: str, seen: list[str]) -> None:
@@ -64,7 +59,7 @@ def read_until(process: subprocess.Popen[str], wanted: str, seen: list[str]) -> 
 
 
 def test_the_sdk_quick_start_runs_as_written(server_process: Any, tmp_path: Path) -> None:
-    (script,) = blocks("Workers and the Python SDK", "python")
+    (script,) = code_blocks("Workers and the Python SDK", "python")
     assert 'Client("http://127.0.0.1:8000"' in script
     with server_process() as server:
         path = tmp_path / "quickstart.py"
@@ -89,7 +84,7 @@ def test_the_sdk_quick_start_runs_as_written(server_process: Any, tmp_path: Path
 
 
 def test_the_bgjobs_work_example_runs_as_written(server_process: Any, tmp_path: Path) -> None:
-    (script,) = blocks("Workers and the Python SDK", "bash")
+    (script,) = code_blocks("Workers and the Python SDK", "bash")
     first = "export BGJOBS_URL=http://127.0.0.1:8000\n"
     assert script.startswith(first)
     with server_process() as server:
@@ -114,3 +109,18 @@ def test_the_bgjobs_work_example_runs_as_written(server_process: Any, tmp_path: 
             process.communicate(timeout=30)
     assert job["payload"] == "photos/1.jpg"
     assert any(f"(job {job['id']})" in line for line in seen)
+
+
+def test_clients_section_shows_what_ci_runs() -> None:
+    """The example scripts verbatim, and the same install commands as `.ci/run`."""
+    examples = ROOT / "clients" / "examples"
+    assert code_blocks("Clients", "python") == [(examples / "python" / "main.py").read_text()]
+    typescript = (examples / "typescript" / "main.ts").read_text()
+    assert code_blocks("Clients", "typescript") == [typescript]
+    (commands,) = code_blocks("Clients")
+    ci = (ROOT / ".ci" / "run").read_text()
+    for install in (
+        ".venv-clients/bin/pip install -q -r clients/examples/python/requirements.txt",
+        "npm ci --prefix clients/examples/typescript",
+    ):
+        assert install in commands and install in ci, install

@@ -11,12 +11,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     PlainSerializer,
     PlainValidator,
     StringConstraints,
     WithJsonSchema,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 EXAMPLE_TIME = "2026-11-28T15:04:05.123456Z"
 EXAMPLE_JOB_ID = "019ac5a1b2c3d4e5f6a7b8c9d0e1f2a3"
@@ -153,6 +156,23 @@ class StrictBody(BaseModel):
     """Request bodies reject unknown fields: a typo must not silently mean a default."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        """Defaults of request fields in words, not as `default`: openapi-typescript 7 (with
+        its default flags) makes every property with a `default` in a component schema
+        required, so a TypeScript client could not omit `max_retries` or `wait_ms`. The
+        server applies the default when the field is absent, as the description says."""
+        schema = handler(core_schema)
+        for field in handler.resolve_ref_schema(schema).get("properties", {}).values():
+            if "default" in field:
+                default = field.pop("default")
+                if default is not None:  # null is the same as absent: nothing to say
+                    said = field.get("description", "")
+                    field["description"] = f"{said} Default: {default}.".strip()
+        return schema
 
 
 class EnqueueRequest(StrictBody):
