@@ -3,7 +3,7 @@
 import re
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -12,10 +12,12 @@ from pydantic import (
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
+    JsonValue,
     PlainSerializer,
     PlainValidator,
     StringConstraints,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -156,6 +158,7 @@ class StrictBody(BaseModel):
     """Request bodies reject unknown fields: a typo must not silently mean a default."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    NEVER_NULL: ClassVar[tuple[str, ...]] = ()  # optional fields whose null is a 422
 
     @classmethod
     def __get_pydantic_json_schema__(
@@ -166,7 +169,10 @@ class StrictBody(BaseModel):
         required, so a TypeScript client could not omit `max_retries` or `wait_ms`. The
         server applies the default when the field is absent, as the description says."""
         schema = handler(core_schema)
-        for field in handler.resolve_ref_schema(schema).get("properties", {}).values():
+        for name, field in handler.resolve_ref_schema(schema).get("properties", {}).items():
+            if name in cls.NEVER_NULL:  # absent is fine, an explicit null is refused
+                branches = [b for b in field.pop("anyOf", []) if b != {"type": "null"}]
+                field.update(branches[0] if len(branches) == 1 else {"anyOf": branches})
             if "default" in field:
                 default = field.pop("default")
                 if default is not None:  # null is the same as absent: nothing to say
@@ -706,16 +712,19 @@ def _distinct_ids(ids: list[str] | None) -> list[str] | None:
 
 
 BulkIds = Annotated[
-    list[JobIdIn] | None,
+    list[JobIdIn],
     AfterValidator(_distinct_ids),
-    Field(
-        default=None,
-        min_length=1,
-        max_length=1000,
-        description="1 to 1,000 distinct job ids: one result each.",
-        json_schema_extra={"uniqueItems": True},
-    ),
+    Field(min_length=1, max_length=1000, json_schema_extra={"uniqueItems": True}),
 ]
+IDS_DESCRIPTION = "1 to 1,000 distinct job ids: one result each."
+ONE_OF: list[JsonValue] = [{"required": ["ids"]}, {"required": ["filter"]}]
+
+
+def _present(value: object) -> object:
+    """An explicit null is refused: leave the key out instead."""
+    if value is None:
+        raise ValueError("must not be null: send either ids or filter and leave the other out")
+    return value
 
 
 class DeleteJobsRequest(StrictBody):
@@ -723,15 +732,18 @@ class DeleteJobsRequest(StrictBody):
 
     model_config = ConfigDict(
         json_schema_extra={
+            "oneOf": ONE_OF,
             "examples": [
                 {"ids": [EXAMPLE_JOB_ID]},
                 {"filter": {"state": "failed", "name": "send_email"}},
-            ]
+            ],
         }
     )
 
-    ids: BulkIds
+    NEVER_NULL = ("ids", "filter")
+    ids: BulkIds | None = Field(default=None, description=IDS_DESCRIPTION)
     filter: DeleteFilter | None = Field(default=None, description="Every job matching it.")
+    _no_null = field_validator("ids", "filter", mode="before")(_present)
 
     @model_validator(mode="after")
     def _one(self) -> "DeleteJobsRequest":
@@ -743,11 +755,16 @@ class RetryJobsRequest(StrictBody):
     """Exactly one of `ids` or `filter`."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"ids": [EXAMPLE_JOB_ID]}, {"filter": {"state": "failed"}}]}
+        json_schema_extra={
+            "oneOf": ONE_OF,
+            "examples": [{"ids": [EXAMPLE_JOB_ID]}, {"filter": {"state": "failed"}}],
+        }
     )
 
-    ids: BulkIds
+    NEVER_NULL = ("ids", "filter")
+    ids: BulkIds | None = Field(default=None, description=IDS_DESCRIPTION)
     filter: RetryFilter | None = Field(default=None, description="Every failed job matching it.")
+    _no_null = field_validator("ids", "filter", mode="before")(_present)
 
     @model_validator(mode="after")
     def _one(self) -> "RetryJobsRequest":
