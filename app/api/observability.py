@@ -21,6 +21,7 @@ from app.queue.service import NameStats
 router = APIRouter(tags=["observability"])
 
 SERIES = re.compile(r"^([1-9][0-9]{0,3})m$")
+SERIES_PATTERN = r"^([1-9][0-9]{0,2}|1[0-3][0-9]{2}|14[0-3][0-9]|1440)m$"
 MAX_SERIES_MINUTES = 1440
 METRICS_EXAMPLE = """\
 # HELP bgjobs_jobs_enqueued_total Jobs enqueued.
@@ -90,6 +91,9 @@ async def get_stats(
             max_length=16,
             description="Finishes per minute over the last N minutes: `Nm`, N from 1 to 1440.",
             examples=["60m"],
+            # In the spec only: the route refuses anything else with a detail that says
+            # what it wants, clearer than "should match pattern".
+            json_schema_extra={"pattern": SERIES_PATTERN},
         ),
     ] = None,
 ) -> Response:
