@@ -94,6 +94,7 @@ def is_loopback(host: str) -> bool:
 def serve_command(settings: Settings) -> None:
     import uvicorn
 
+    from app.logs import logging_config
     from app.main import create_app
 
     app = create_app(settings)
@@ -102,7 +103,8 @@ def serve_command(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        log_config=logging_config(settings),
+        access_log=False,  # the app writes its own access lines, with request ids
         timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )

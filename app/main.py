@@ -9,11 +9,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import bulk, errors, health, jobs, leases
+from app.api import bulk, errors, health, jobs, leases, observability
 from app.api.auth import parse_tokens
 from app.api.body import with_documented_bodies
 from app.api.fastlane import FastLane
 from app.api.limits import BodyLimit
+from app.api.metrics import Metrics
+from app.api.observe import Observe
+from app.logs import ensure_logging
 from app.queue.clock import Clock, SystemClock
 from app.queue.notifier import Notifier
 from app.queue.service import Limits, QueueService, repeat
@@ -21,7 +24,7 @@ from app.settings import Settings
 from app.shutdown import on_stop_signal
 from app.storage import ensure_schema, open_storage
 
-ROUTERS = (bulk.router, jobs.router, leases.router, health.router)
+ROUTERS = (bulk.router, jobs.router, leases.router, health.router, observability.router)
 
 DESCRIPTION = """\
 An HTTP job queue. Producers enqueue jobs with `POST /jobs`; workers long-poll
@@ -43,9 +46,11 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     """Build the app; the database is opened at start-up, never at import."""
     settings = settings or Settings()
     clock = clock or SystemClock()
+    metrics = Metrics(settings.metrics_max_names)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ensure_logging(settings)
         storage = open_storage(
             settings.database_url,
             sqlite_synchronous=settings.sqlite_synchronous,
@@ -63,8 +68,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             retain_failed_hours=settings.retain_failed_hours,
             idempotency_window_hours=settings.idempotency_window_hours,
         )
-        service = QueueService(storage, notifier, clock, limits)
+        service = QueueService(storage, notifier, clock, limits, observer=metrics)
         app.state.service = service
+        metrics.waiting = lambda: service.waiting
         await storage.listen(service.job_ready_elsewhere, notifier.wake_all)
         maintenance = [
             asyncio.create_task(
@@ -97,9 +103,12 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         generate_unique_id_function=_operation_id,
     )
     app.state.tokens = parse_tokens(settings.api_tokens, settings.api_tokens_file)
+    app.state.metrics = metrics
     errors.install(app)
     app.add_middleware(FastLane)  # inside BodyLimit: the hot routes' bodies are bounded too
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    # Outermost: times and tags every request, refused ones included.
+    app.add_middleware(Observe, metrics=metrics, access_log=settings.access_log)
     for router in ROUTERS:
         app.include_router(router)
     generate = app.openapi

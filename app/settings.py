@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, le=500)
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # `json`: one JSON object per line, for log shippers; `text` for people.
+    log_format: Literal["text", "json"] = "text"
+    # Any enqueue token can mint job names: past this many distinct names, metrics label
+    # the rest `_other`, so a scraper's series stay bounded.
+    metrics_max_names: int = Field(default=100, ge=1, le=10_000)
 
     @field_validator("database_url")
     @classmethod

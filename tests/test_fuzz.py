@@ -14,7 +14,7 @@ TOKEN = "fuzz-token"
 
 
 def test_schemathesis_finds_nothing(server_process: Any, db_url: str) -> None:
-    env = {"BGJOBS_API_TOKENS": f"{TOKEN}=enqueue+work+read+admin"}
+    env = {"BGJOBS_API_TOKENS": f"{TOKEN}=enqueue+work+read+admin+metrics"}
     with server_process(database_url=db_url, env=env) as server:
         result = subprocess.run(
             [

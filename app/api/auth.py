@@ -14,13 +14,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.queue.errors import Forbidden, Unauthenticated
 
-SCOPES = ("enqueue", "work", "read", "admin")
+SCOPES = ("enqueue", "work", "read", "admin", "metrics")
 Tokens = dict[str, frozenset[str]]
 
 bearer = HTTPBearer(
     auto_error=False,
     description="An API token from BGJOBS_API_TOKENS. Scopes: `enqueue` (POST /jobs), "
-    "`work` (/leases), `read` (GET), `admin` (cancel, delete, retry).",
+    "`work` (/leases), `read` (GET, /stats), `admin` (cancel, delete, retry), `metrics` "
+    "(GET /metrics only: counts and timings, never a payload).",
 )
 
 

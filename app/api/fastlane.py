@@ -31,15 +31,19 @@ async def _ack(request: Request) -> Response:
     return await leases.ack_lease(request.path_params["lease_id"], request)
 
 
-def match(method: str, path: str) -> tuple[Endpoint, dict[str, str]] | None:
-    """The endpoint for a hot route and its path parameters; None for any other."""
+ACK_TEMPLATE = "/leases/{lease_id}/ack"
+
+
+def match(method: str, path: str) -> tuple[Endpoint, dict[str, str], str] | None:
+    """The endpoint for a hot route, its path parameters and its route template (for
+    metrics and logs); None for any other."""
     endpoint = EXACT.get((method, path))
     if endpoint is not None:
-        return endpoint, {}
+        return endpoint, {}, path
     if method == "POST" and path.startswith("/leases/") and path.endswith("/ack"):
         lease_id = path[len("/leases/") : -len("/ack")]
         if lease_id and "/" not in lease_id:
-            return _ack, {"lease_id": lease_id}
+            return _ack, {"lease_id": lease_id}, ACK_TEMPLATE
     return None
 
 
@@ -52,7 +56,7 @@ class FastLane:
         if found is None:
             await self.app(scope, receive, send)
             return
-        endpoint, scope["path_params"] = found
+        endpoint, scope["path_params"], scope["bgjobs.route"] = found
         request = Request(scope, receive, send)
         try:
             response = await endpoint(request)

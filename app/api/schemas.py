@@ -810,3 +810,61 @@ class BulkFilterOut(BaseModel):
     done: int = Field(description="Jobs retried or deleted.")
     skipped: int = Field(description="Jobs that changed since the walk saw them (e.g. leased).")
     more: bool = Field(description="The 10,000-job cap was reached: call again for the rest.")
+
+
+class StateCountsOut(BaseModel):
+    """Jobs in each state now."""
+
+    available: int = Field(examples=[120])
+    scheduled: int = Field(examples=[4])
+    reserved: int = Field(examples=[8])
+    succeeded: int = Field(examples=[51234])
+    failed: int = Field(examples=[17])
+
+
+class FinishedOut(BaseModel):
+    """Jobs that succeeded, or finally failed (not counting attempts that will be retried),
+    in a span of whole minutes."""
+
+    succeeded: int = Field(examples=[42])
+    failed: int = Field(examples=[1])
+
+
+class NameStatsOut(BaseModel):
+    name: str = Field(examples=["send_email"])
+    counts: StateCountsOut
+    oldest_available_age_ms: int | None = Field(
+        description="How long the oldest available job has been waiting; null when none is.",
+        examples=[1234],
+    )
+    last_minute: FinishedOut = Field(
+        description="Finished in the current minute and the one before (60 to 120 s)."
+    )
+    last_hour: FinishedOut = Field(
+        description="Finished since the start of the minute an hour ago."
+    )
+
+
+class TotalsOut(BaseModel):
+    counts: StateCountsOut
+    oldest_available_age_ms: int | None = Field(examples=[1234])
+    last_minute: FinishedOut
+    last_hour: FinishedOut
+
+
+class MinuteOut(BaseModel):
+    minute: str = Field(description="Start of the minute (UTC).", examples=["2026-12-02T03:04:00Z"])
+    succeeded: int = Field(examples=[3])
+    failed: int = Field(examples=[1])
+
+
+class StatsOut(BaseModel):
+    """Counts for dashboards and `bgjobs stats`."""
+
+    totals: TotalsOut
+    names: list[NameStatsOut] = Field(description="One entry per job name, sorted by name.")
+    series: list[MinuteOut] | None = Field(
+        default=None,
+        description="With `?series=Nm`: finishes per minute over the last N minutes (the "
+        "current one included), oldest first, zero-filled.",
+    )

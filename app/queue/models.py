@@ -1,7 +1,7 @@
 """The domain types of bg_jobs (Job, SucceededJob, FailedJob) plus the lease that fences workers."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
@@ -51,6 +51,8 @@ class SucceededJob:
     available_at: datetime
     succeeded_at: datetime
     state: Literal["succeeded"] = "succeeded"
+    # When the lease that acked it began: for metrics, not part of the job's value.
+    leased_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -106,6 +108,7 @@ class Retrying:
     """A failed attempt with retries left: the job is pending again."""
 
     job: Job
+    leased_at: datetime | None = field(default=None, compare=False)  # for metrics
 
 
 @dataclass(slots=True, frozen=True)
@@ -113,6 +116,7 @@ class Buried:
     """A failed attempt with no retries left: the job moved to the failed jobs."""
 
     job: FailedJob
+    leased_at: datetime | None = field(default=None, compare=False)
 
 
 FailOutcome = Retrying | Buried

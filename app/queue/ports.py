@@ -34,7 +34,7 @@ CancelResult = Literal["deleted", "reserved", "missing"]
 # place (a bulk delete by state must not delete a job that has moved on since).
 DeleteScope = Literal["any", "pending", "succeeded", "failed"]
 BulkState = Literal["available", "scheduled", "succeeded", "failed"]
-PruneKind = Literal["succeeded", "failed", "idempotency_keys", "batch_keys"]
+PruneKind = Literal["succeeded", "failed", "idempotency_keys", "batch_keys", "finished_counts"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,6 +71,28 @@ class HistoryQuery:
     name: str | None
     limit: int
     before: tuple[datetime, str] | None  # keyset: (finished_at, id) of the last row seen
+
+
+@dataclass(slots=True, frozen=True)
+class NameCounts:
+    """Jobs of one name by state now, and when its oldest available job became available."""
+
+    name: str
+    available: int
+    scheduled: int
+    reserved: int
+    succeeded: int
+    failed: int
+    oldest_available_at: datetime | None
+
+
+@dataclass(slots=True, frozen=True)
+class Finished:
+    """Jobs that succeeded or finally failed in a span (per name, or per minute)."""
+
+    key: str | datetime  # the job name, or the minute
+    succeeded: int
+    failed: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -194,6 +216,16 @@ class Storage(Protocol):
     async def list_succeeded(self, query: HistoryQuery) -> list[SucceededJob]: ...
 
     async def list_failed(self, query: HistoryQuery) -> list[FailedJob]: ...
+
+    async def job_counts(self, now: datetime, name: str | None = None) -> list[NameCounts]:
+        """Jobs per name and state, from counts the database keeps as jobs move: a read of
+        a few rows per name, whatever the backlog (scheduled jobs are counted by range)."""
+
+    async def finished_by_name(self, since: datetime, name: str | None = None) -> list[Finished]:
+        """Per name, jobs finished in the minutes from `since` on (minute buckets)."""
+
+    async def finished_by_minute(self, since: datetime, name: str | None = None) -> list[Finished]:
+        """Per minute from `since` on, jobs finished (of every name, or of `name`)."""
 
     async def prune(self, kind: PruneKind, before: datetime, limit: int) -> int:
         """Delete up to `limit` of the oldest rows of `kind` older than `before`."""

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,6 +41,7 @@ from app.queue.errors import (
 from app.queue.models import (
     AnyJob,
     Enqueued,
+    ExpiredLease,
     FailedJob,
     FailOutcome,
     IdempotencyKey,
@@ -53,9 +55,22 @@ from app.queue.models import (
     parse_lease_id,
 )
 from app.queue.notifier import Notifier, Waiter
-from app.queue.ports import FailItem, HistoryQuery, PendingQuery, Storage
+from app.queue.observer import NoObserver, Observer, Reason
+from app.queue.ports import (
+    FailItem,
+    Finished,
+    HistoryQuery,
+    NameCounts,
+    PendingQuery,
+    PruneKind,
+    Storage,
+)
 
 log = logging.getLogger("bgjobs.queue")
+events = logging.getLogger("bgjobs.jobs")  # lifecycle events, one line each
+
+COUNTS_TTL_S = 1.0  # job counts are read at most once a second, however many scrapers
+FINISHED_COUNTS_HOURS = 25  # per-minute finished counts kept: /stats looks back 24 h
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,6 +103,41 @@ def _page(items: list[T], limit: int, key: Callable[[T], str]) -> Page[T]:
         return Page(items, None)
     items = items[:limit]
     return Page(items, key(items[-1]))
+
+
+@dataclass(slots=True, frozen=True)
+class NameStats:
+    """One name's (or all names') jobs by state, oldest wait, and recent finishes."""
+
+    name: str | None
+    counts: NameCounts
+    oldest_available_age_ms: int | None
+    last_minute: Finished
+    last_hour: Finished
+
+
+@dataclass(slots=True, frozen=True)
+class Stats:
+    totals: NameStats
+    names: list[NameStats]
+    series: list[Finished] | None  # per minute, oldest first, when asked for
+
+
+def _add(a: Finished, b: Finished) -> Finished:
+    return Finished(a.key, a.succeeded + b.succeeded, a.failed + b.failed)
+
+
+def _sum_counts(name: str, rows: Sequence[NameCounts]) -> NameCounts:
+    oldest = [row.oldest_available_at for row in rows if row.oldest_available_at is not None]
+    return NameCounts(
+        name,
+        sum(row.available for row in rows),
+        sum(row.scheduled for row in rows),
+        sum(row.reserved for row in rows),
+        sum(row.succeeded for row in rows),
+        sum(row.failed for row in rows),
+        min(oldest) if oldest else None,
+    )
 
 
 @dataclass(slots=True)
@@ -131,6 +181,17 @@ def _or_raise(result: R | QueueError) -> R:
     return result
 
 
+def _log_expiry(lease: ExpiredLease, outcome: FailOutcome) -> None:
+    then = "retried later" if isinstance(outcome, Retrying) else "failed"
+    events.warning(
+        "job %s (%s): lease expired without ack or fail; %s",
+        lease.job_id,
+        lease.name,
+        then,
+        extra={"event": "lease_expired", "job_id": lease.job_id, "job_name": lease.name},
+    )
+
+
 class QueueService:
     def __init__(
         self,
@@ -139,15 +200,24 @@ class QueueService:
         clock: Clock,
         limits: Limits,
         rand: Callable[[], float] = random.random,
+        observer: Observer | None = None,
     ) -> None:
         self.storage = storage
         self.notifier = notifier
         self.clock = clock
         self.limits = limits
         self._rand = rand
+        self.observer: Observer = observer or NoObserver()
         self._waiting = 0
         self.stopping = False
         self.bulk = BulkActions(storage, notifier, clock)
+        self._counts: tuple[float, list[NameCounts]] | None = None
+        self._counts_lock = asyncio.Lock()
+
+    @property
+    def waiting(self) -> int:
+        """Long polls parked right now."""
+        return self._waiting
 
     # -- producers ----------------------------------------------------------------------
 
@@ -179,6 +249,7 @@ class QueueService:
             assert isinstance(done.job, Job)
             job = done.job
         self._announce(job.name, job.available_at, now)
+        self.observer.enqueued(job.name, 1)
         return job, True
 
     async def enqueue_batch(
@@ -249,6 +320,8 @@ class QueueService:
             self.notifier.notify(name, count)
         for name, due in later.items():
             self.notifier.notify_at(name, due)
+        for name, count in Counter(job.name for job in jobs).items():
+            self.observer.enqueued(name, count)
 
     @staticmethod
     def _reused(key: str) -> IdempotencyKeyReused:
@@ -335,6 +408,8 @@ class QueueService:
         )
         if not leases:
             self.notifier.found_empty(names, marks)
+        else:
+            self.observer.leased(leases, now)
         return leases
 
     async def _wait(self, waiter: Waiter, seconds: float) -> bool:
@@ -369,7 +444,12 @@ class QueueService:
         """Each item by the single-ack rules, all in one transaction: the job or why not."""
         parsed = self._parse(lease_ids)
         held = [(job_id, lease_id) for lease_id, job_id in parsed if job_id is not None]
-        done = iter(await self.storage.ack_many(held, self.clock.now()) if held else [])
+        now = self.clock.now()
+        acked = await self.storage.ack_many(held, now) if held else []
+        for job in acked:
+            if job is not None:
+                self.observer.finished(job.name, "succeeded", "ok", job.leased_at, now)
+        done = iter(acked)
         return [
             await self._result(lease_id, job_id, "ack", None if job_id is None else next(done))
             for lease_id, job_id in parsed
@@ -398,7 +478,7 @@ class QueueService:
         for lease_id, job_id in parsed:
             outcome = None if job_id is None else next(done)
             if outcome is not None:
-                self._after_fail(outcome, now)
+                self._after_fail(outcome, now, "error")
             results.append(await self._result(lease_id, job_id, "fail", outcome))
         return results
 
@@ -418,9 +498,20 @@ class QueueService:
 
         return decide
 
-    def _after_fail(self, outcome: FailOutcome, now: datetime) -> None:
+    def _after_fail(self, outcome: FailOutcome, now: datetime, reason: Reason) -> None:
+        job = outcome.job
         if isinstance(outcome, Retrying):
-            self._announce(outcome.job.name, outcome.job.available_at, now)
+            self._announce(job.name, job.available_at, now)
+            self.observer.finished(job.name, "retrying", reason, outcome.leased_at, now)
+            return
+        self.observer.finished(job.name, "failed", reason, outcome.leased_at, now)
+        events.warning(
+            "job %s (%s) moved to failed after %d attempts",
+            job.id,
+            job.name,
+            job.attempts,
+            extra={"event": "moved_to_failed", "job_id": job.id, "job_name": job.name},
+        )
 
     async def extend(self, lease_id: str, lease_ms: int) -> datetime:
         """A heartbeat: the lease now ends `lease_ms` from now."""
@@ -471,7 +562,8 @@ class QueueService:
                 )
                 if outcome is not None:
                     reaped += 1
-                    self._after_fail(outcome, now)
+                    _log_expiry(lease, outcome)
+                    self._after_fail(outcome, now, "expired")
             if len(expired) < batch:
                 return reaped
 
@@ -484,21 +576,25 @@ class QueueService:
         """
         pruned = 0
         now = self.clock.now()
-        for kind, hours in (
+        kinds: tuple[tuple[PruneKind, int], ...] = (
             ("succeeded", self.limits.retain_succeeded_hours),
             ("failed", self.limits.retain_failed_hours),
             ("idempotency_keys", self.limits.idempotency_window_hours),
-        ):
-            if hours <= 0:
-                continue
-            before = now - timedelta(hours=hours)
-            while True:
-                count = await self.storage.prune(kind, before, batch)  # type: ignore[arg-type]
-                pruned += count
-                await asyncio.sleep(0)
-                if count < batch:
-                    break
+        )
+        for kind, hours in kinds:
+            if hours > 0:
+                pruned += await self._prune(kind, now - timedelta(hours=hours), batch)
+        await self._prune("finished_counts", now - timedelta(hours=FINISHED_COUNTS_HOURS), batch)
         return pruned
+
+    async def _prune(self, kind: PruneKind, before: datetime, batch: int) -> int:
+        pruned = 0
+        while True:
+            count = await self.storage.prune(kind, before, batch)
+            pruned += count
+            await asyncio.sleep(0)
+            if count < batch:
+                return pruned
 
     def _job_of(self, lease_id: str) -> str:
         parsed = parse_lease_id(lease_id)
@@ -582,6 +678,12 @@ class QueueService:
             current = await self.get(job_id)
             raise Conflict(f"job {job_id} is {current.state}, not failed; only failed jobs retry")
         self.notifier.notify(job.name, 1)
+        events.info(
+            "job %s (%s) retried from failed",
+            job.id,
+            job.name,
+            extra={"event": "retried_from_failed", "job_id": job.id, "job_name": job.name},
+        )
         return job
 
     async def list_pending(
@@ -606,3 +708,74 @@ class QueueService:
         before = decode_cursor("failed", cursor) if cursor else None
         jobs = await self.storage.list_failed(HistoryQuery(name, limit + 1, before))
         return _page(jobs, limit, lambda j: encode_cursor("failed", j.failed_at, j.id))
+
+    # -- counts (for /metrics and /stats) -----------------------------------------------
+
+    async def job_counts(self) -> list[NameCounts]:
+        """Jobs per name and state, read at most once a second (concurrent scrapes share a
+        read), so any number of scrapers and dashboards cost the database one small read."""
+        async with self._counts_lock:
+            now = asyncio.get_running_loop().time()
+            if self._counts is None or now - self._counts[0] >= COUNTS_TTL_S:
+                self._counts = (now, await self.storage.job_counts(self.clock.now()))
+            return self._counts[1]
+
+    async def stats(self, name: str | None, series_minutes: int | None) -> Stats:
+        """Counts by state, oldest wait and recent finishes, per name and in total; with
+        `series_minutes`, finishes per minute over that many minutes (oldest first)."""
+        now = self.clock.now()
+        counts = [c for c in await self.job_counts() if name is None or c.name == name]
+        minute = await self.storage.finished_by_name(_minute_of(now - timedelta(minutes=1)), name)
+        hour = await self.storage.finished_by_name(_minute_of(now - timedelta(hours=1)), name)
+        names = sorted({c.name for c in counts if _any_jobs(c)} | {str(f.key) for f in hour})
+        by_name = {c.name: c for c in counts}
+        recent = ({str(f.key): f for f in minute}, {str(f.key): f for f in hour})
+        per_name = [self._name_stats(n, by_name.get(n), recent, now) for n in names]
+        totals = self._name_stats(None, _sum_counts("", counts), _totals(recent), now)
+        series = None
+        if series_minutes is not None:
+            series = await self._series(name, series_minutes, now)
+        return Stats(totals, per_name, series)
+
+    @staticmethod
+    def _name_stats(
+        name: str | None,
+        counts: NameCounts | None,
+        recent: tuple[dict[str, Finished], dict[str, Finished]],
+        now: datetime,
+    ) -> NameStats:
+        key = name or ""
+        counts = counts or NameCounts(key, 0, 0, 0, 0, 0, None)
+        oldest = counts.oldest_available_at
+        age = None if oldest is None else max(0, (now - oldest) // timedelta(milliseconds=1))
+        none = Finished(key, 0, 0)
+        return NameStats(name, counts, age, recent[0].get(key, none), recent[1].get(key, none))
+
+    async def _series(self, name: str | None, minutes: int, now: datetime) -> list[Finished]:
+        last = _minute_of(now)
+        first = last - timedelta(minutes=minutes - 1)
+        found = {f.key: f for f in await self.storage.finished_by_minute(first, name)}
+        span = (first + timedelta(minutes=i) for i in range(minutes))
+        return [found.get(at, Finished(at, 0, 0)) for at in span]
+
+
+def _minute_of(moment: datetime) -> datetime:
+    return moment.replace(second=0, microsecond=0)
+
+
+def _any_jobs(counts: NameCounts) -> bool:
+    c = counts
+    return any((c.available, c.scheduled, c.reserved, c.succeeded, c.failed))
+
+
+def _totals(
+    recent: tuple[dict[str, Finished], dict[str, Finished]],
+) -> tuple[dict[str, Finished], dict[str, Finished]]:
+    """Every name's recent finishes added up, under the key of the totals ("")."""
+    summed = []
+    for per_name in recent:
+        total = Finished("", 0, 0)
+        for finished in per_name.values():
+            total = _add(total, finished)
+        summed.append({"": total})
+    return summed[0], summed[1]

@@ -4,12 +4,12 @@ group-commit writer (`writer.py`) to the backend's own hand-written statements.
 """
 
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, Select, select, tuple_
+from sqlalchemy import RowMapping, Select, func, select, tuple_
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -33,19 +33,29 @@ from app.queue.ports import (
     CancelResult,
     DeleteScope,
     FailItem,
+    Finished,
     HistoryQuery,
     LeasePosition,
+    NameCounts,
     PendingQuery,
     PruneKind,
     WalkQuery,
 )
 from app.storage import migrate
-from app.storage.tables import FailedJobRow, JobRow, SucceededJobRow
+from app.storage.tables import (
+    FailedJobRow,
+    FinishedPerMinuteRow,
+    JobCountRow,
+    JobRow,
+    SucceededJobRow,
+)
 from app.storage.writer import Op, Writer
 
 jobs = JobRow.__table__  # type: ignore[attr-defined]
 succeeded = SucceededJobRow.__table__  # type: ignore[attr-defined]
 failed = FailedJobRow.__table__  # type: ignore[attr-defined]
+counts = JobCountRow.__table__  # type: ignore[attr-defined]
+finished = FinishedPerMinuteRow.__table__  # type: ignore[attr-defined]
 
 # Column lists of the hand-written statements, in the order the builders below read them.
 JOB_COLUMNS = (
@@ -60,7 +70,23 @@ PRUNED: dict[str, tuple[str, str, str]] = {
     "failed": ("failed_jobs", "id", "failed_at"),
     "idempotency_keys": ("idempotency_keys", "key", "created_at"),
     "batch_keys": ("batch_idempotency_keys", "key", "created_at"),
+    # Whole minutes go at once: a minute's rows (one per name and shard) share the key.
+    "finished_counts": ("finished_per_minute", "minute", "minute"),
 }
+
+
+KEPT_COUNTS = ("pending", "reserved", "succeeded", "failed")
+
+
+def minute_of(moment: datetime) -> datetime:
+    """The start of the minute `moment` falls in: the bucket of finished-job counts."""
+    return moment.replace(second=0, microsecond=0)
+
+
+def per_minute(finished: Iterable[tuple[str, datetime]]) -> Counter[tuple[str, datetime]]:
+    """How many jobs of each name finished in each minute: one upsert per pair, however
+    many jobs a group finished."""
+    return Counter((name, minute_of(at)) for name, at in finished)
 
 
 def job_from(row: Sequence[Any], now: datetime) -> Job:
@@ -370,6 +396,67 @@ class SqlStorage:
         stmt = stmt.order_by(moment, table.c.id).limit(query.limit)
         async with self._read() as conn:
             return [(row[0], row[1]) for row in (await conn.execute(stmt)).all()]
+
+    # -- counts (for /metrics and /stats) -------------------------------------------------
+
+    async def job_counts(self, now: datetime, name: str | None = None) -> list[NameCounts]:
+        """The kept counts summed over shards; per name, its scheduled jobs counted along
+        the ready index (a range of only the future ones) and its oldest ready job found
+        at the start of that index: both cheap with any number of available jobs."""
+        kept = select(
+            counts.c.name,
+            *(func.sum(counts.c[c]).label(c) for c in KEPT_COUNTS),
+        ).group_by(counts.c.name)
+        if name is not None:
+            kept = kept.where(counts.c.name == name)
+        sums = kept.subquery()
+        unreserved = (jobs.c.name == sums.c.name, jobs.c.reserved_at.is_(None))
+        scheduled = (
+            select(func.count())
+            .select_from(jobs)
+            .where(*unreserved, jobs.c.available_at > now)
+            .scalar_subquery()
+        )
+        oldest = select(func.min(jobs.c.available_at)).where(*unreserved).scalar_subquery()
+        query = select(sums, scheduled.label("scheduled"), oldest.label("oldest")).order_by(
+            sums.c.name
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_name_counts(row, now) for row in rows]
+
+    async def finished_by_name(self, since: datetime, name: str | None = None) -> list[Finished]:
+        return await self._finished(finished.c.name, since, name)
+
+    async def finished_by_minute(self, since: datetime, name: str | None = None) -> list[Finished]:
+        return await self._finished(finished.c.minute, since, name)
+
+    async def _finished(self, key: Any, since: datetime, name: str | None) -> list[Finished]:
+        query = (
+            select(key, func.sum(finished.c.succeeded), func.sum(finished.c.failed))
+            .where(finished.c.minute >= since)
+            .group_by(key)
+            .order_by(key)
+        )
+        if name is not None:
+            query = query.where(finished.c.name == name)
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Finished(row[0], int(row[1]), int(row[2])) for row in rows]
+
+
+def _name_counts(row: RowMapping, now: datetime) -> NameCounts:
+    oldest: datetime | None = row["oldest"]
+    pending, scheduled = int(row["pending"]), int(row["scheduled"])
+    return NameCounts(
+        row["name"],
+        available=pending - scheduled,
+        scheduled=scheduled,
+        reserved=int(row["reserved"]),
+        succeeded=int(row["succeeded"]),
+        failed=int(row["failed"]),
+        oldest_available_at=oldest if oldest is not None and oldest <= now else None,
+    )
 
 
 async def _first(conn: AsyncConnection, stmt: Select[Any]) -> RowMapping | None:

@@ -49,6 +49,7 @@ from app.storage.common import (
     job_from,
     leases_from,
     new_job,
+    per_minute,
 )
 from app.storage.writer import Op, Writer, runs
 
@@ -140,24 +141,41 @@ WHERE id = (
 ) AND reserved_at IS NULL
 RETURNING {JOB_COLUMNS}, lease_id
 """
-# Ack, set-based: one statement moves a whole run of acks to the succeeded jobs; fencing
-# is the (id, lease_id) match. A pair given twice matches its row once.
+# Ack, set-based: one statement moves a whole run of acks to the succeeded jobs and adds
+# them to the per-minute counts (one row per name and minute, on this connection's shard);
+# fencing is the (id, lease_id) match. A pair given twice matches its row once.
 ACK = """
 WITH done AS (
     DELETE FROM jobs USING unnest($1::text[], $2::text[], $3::timestamptz[]) AS t(id, lease_id, at)
     WHERE jobs.id = t.id AND jobs.lease_id = t.lease_id
     RETURNING jobs.id, jobs.lease_id, jobs.name, jobs.payload, jobs.attempts, jobs.lease_seq,
-        jobs.created_at, jobs.available_at, t.at
+        jobs.created_at, jobs.available_at, t.at, jobs.reserved_at
 ), moved AS (
     INSERT INTO succeeded_jobs (id, name, payload, attempts, lease_seq, created_at,
         available_at, succeeded_at)
     SELECT id, name, payload, attempts, lease_seq, created_at, available_at, at FROM done
+), counted AS (
+    INSERT INTO finished_per_minute AS f (name, minute, shard, succeeded, failed)
+    SELECT name, date_trunc('minute', at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+        pg_backend_pid() % 16, count(*), 0
+    FROM done GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (name, minute, shard) DO UPDATE SET succeeded = f.succeeded + excluded.succeeded
 )
-SELECT id, lease_id, name, payload, attempts, created_at, available_at, at FROM done
+SELECT id, lease_id, name, payload, attempts, created_at, available_at, at, reserved_at
+FROM done
+"""
+# Per-minute counts of jobs finally failed, added at the end of the transaction that
+# failed them: one row per name and minute, on this connection's shard (so replicas
+# never wait on each other's rows), in key order (so transactions never deadlock).
+COUNT_FAILED = """
+INSERT INTO finished_per_minute AS f (name, minute, shard, succeeded, failed)
+SELECT name, minute, pg_backend_pid() % 16, 0, n
+FROM unnest($1::text[], $2::timestamptz[], $3::int[]) AS t(name, minute, n) ORDER BY 1, 2
+ON CONFLICT (name, minute, shard) DO UPDATE SET failed = f.failed + excluded.failed
 """
 HELD = (
-    "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq "
-    "FROM jobs WHERE id = $1 AND lease_id = $2"
+    "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq, "
+    "reserved_at FROM jobs WHERE id = $1 AND lease_id = $2"
 )
 HELD_FOR_FAIL = HELD + " FOR UPDATE"
 HELD_EXPIRED = HELD + " AND reserved_at IS NOT NULL AND lease_expires_at <= $3 FOR UPDATE"
@@ -194,10 +212,12 @@ NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
 
 
 class Group:
-    """What one transaction made ready, per name: announced with one NOTIFY each."""
+    """What one transaction made ready, per name (announced with one NOTIFY each), and
+    the jobs it finally failed (counted per name and minute at its end)."""
 
     def __init__(self) -> None:
         self.ready: dict[str, datetime] = {}
+        self.buried: list[tuple[str, datetime]] = []
 
     def announce(self, name: str, available_at: datetime) -> None:
         known = self.ready.get(name)
@@ -336,7 +356,13 @@ async def ack(
     results: list[SucceededJob | None] = []
     for job_id, lease_id, _ in items:
         row = taken.pop((job_id, lease_id), None)  # a repeated item finds it gone
-        results.append(None if row is None else SucceededJob(row[0], *row[2:]))
+        if row is None:
+            results.append(None)
+            continue
+        id_, _, name, payload, attempts, created_at, available_at, at, leased_at = row
+        done = SucceededJob(id_, name, payload, attempts, created_at, available_at, at)
+        done.leased_at = leased_at
+        results.append(done)
     return results
 
 
@@ -350,20 +376,27 @@ async def fail(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> list[F
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, attempts, max_retries, created, available, lease_seq = row
+        job_id, name, payload, attempts, max_retries, created, available, lease_seq, leased = row
         retry_at = decide(attempts, max_retries)
         if retry_at is not None:
             await conn.execute(REQUEUE, retry_at, job_id)
             group.announce(name, retry_at)
             job = [job_id, name, payload, attempts, max_retries, created, retry_at, None, None]
-            results.append(Retrying(job_from(job, now)))
+            results.append(Retrying(job_from(job, now), leased))
             continue
         await conn.execute(DELETE_JOB, job_id)
         values = (job_id, name, payload, attempts, max_retries, lease_seq, exception)
         await conn.execute(INSERT_FAILED, *values, created, available, now)
+        group.buried.append((name, now))
         failed = FailedJob(job_id, name, payload, attempts, exception, created, available, now)
-        results.append(Buried(failed))
+        results.append(Buried(failed, leased))
     return results
+
+
+async def _count_failed(conn: Conn, buried: list[tuple[str, datetime]]) -> None:
+    pairs = per_minute(buried)
+    names, minutes = zip(*pairs, strict=True)
+    await conn.execute(COUNT_FAILED, list(names), list(minutes), list(pairs.values()))
 
 
 async def extend(conn: Conn, group: Group, items: list[tuple[str, str, datetime]]) -> list[bool]:
@@ -507,6 +540,8 @@ class PostgresStorage(SqlStorage):
                 results: list[Any] = []
                 for kind, run in runs(group):
                     results.extend(await HANDLERS[kind](conn, ready, [op.arg for op in run]))
+                if ready.buried:
+                    await _count_failed(conn, ready.buried)
                 if ready.ready:
                     payloads = [
                         f"{self._sender}|{at.isoformat()}|{name}"

@@ -50,6 +50,7 @@ from app.storage.common import (
     job_from,
     leases_from,
     new_job,
+    per_minute,
 )
 from app.storage.writer import Op, Writer, runs
 
@@ -96,15 +97,15 @@ SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = ?
 SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = ?"
 ACK = (
     "DELETE FROM jobs WHERE id = ? AND lease_id = ? "
-    "RETURNING id, name, payload, attempts, lease_seq, created_at, available_at"
+    "RETURNING id, name, payload, attempts, lease_seq, created_at, available_at, reserved_at"
 )
 INSERT_SUCCEEDED = (
     "INSERT INTO succeeded_jobs (id, name, payload, attempts, lease_seq, created_at, "
     "available_at, succeeded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 HELD = (
-    "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq "
-    "FROM jobs WHERE id = ? AND lease_id = ?"
+    "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq, "
+    "reserved_at FROM jobs WHERE id = ? AND lease_id = ?"
 )
 HELD_EXPIRED = HELD + " AND reserved_at IS NOT NULL AND lease_expires_at <= ?"
 REQUEUE = (
@@ -135,6 +136,11 @@ TAKE_FAILED = (
     "RETURNING id, name, payload, max_retries, created_at, lease_seq"
 )
 KEY_TABLES = {False: "idempotency_keys", True: "batch_idempotency_keys"}
+COUNT_FINISHED = (
+    "INSERT INTO finished_per_minute (name, minute, shard, succeeded, failed) "
+    "VALUES (?, ?, 0, ?, ?) ON CONFLICT (name, minute, shard) DO UPDATE SET "
+    "succeeded = succeeded + excluded.succeeded, failed = failed + excluded.failed"
+)
 
 
 @lru_cache(maxsize=128)
@@ -286,19 +292,35 @@ def ack(
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, attempts, lease_seq, created_at, available_at = row
+        job_id, name, payload, attempts, lease_seq, created_at, available_at, leased = row
         inserts.append(
             (job_id, name, payload, attempts, lease_seq, created_at, available_at, ts(now))
         )
-        results.append(
-            SucceededJob(job_id, name, payload, attempts, dt(created_at), dt(available_at), now)
-        )
+        done = SucceededJob(job_id, name, payload, attempts, dt(created_at), dt(available_at), now)
+        done.leased_at = None if leased is None else dt(leased)
+        results.append(done)
     conn.executemany(INSERT_SUCCEEDED, inserts)
+    _count_finished(conn, [(row[1], dt(row[7])) for row in inserts], succeeded=True)
     return results
+
+
+def _count_finished(
+    conn: sqlite3.Connection, finished: list[tuple[str, datetime]], succeeded: bool
+) -> None:
+    """Add (name, finished at) pairs to the per-minute counts, one upsert per name and
+    minute, in the transaction that finished the jobs."""
+    conn.executemany(
+        COUNT_FINISHED,
+        [
+            (name, ts(minute), count if succeeded else 0, 0 if succeeded else count)
+            for (name, minute), count in per_minute(finished).items()
+        ],
+    )
 
 
 def fail(conn: sqlite3.Connection, items: list[tuple[Any, ...]]) -> list[FailOutcome | None]:
     results: list[FailOutcome | None] = []
+    buried: list[tuple[str, datetime]] = []
     for job_id, lease_id, now, exception, decide, expired_before in items:
         if expired_before is None:
             row = conn.execute(HELD, (job_id, lease_id)).fetchone()
@@ -307,23 +329,27 @@ def fail(conn: sqlite3.Connection, items: list[tuple[Any, ...]]) -> list[FailOut
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, attempts, max_retries, created, available, lease_seq = row
+        job_id, name, payload, attempts, max_retries, created, available, lease_seq, leased = row
+        leased_at = None if leased is None else dt(leased)
         retry_at = decide(attempts, max_retries)
         if retry_at is not None:
             conn.execute(REQUEUE, (ts(retry_at), job_id))
             job = [job_id, name, payload, attempts, max_retries, dt(created), retry_at, None, None]
-            results.append(Retrying(job_from(job, now)))
+            results.append(Retrying(job_from(job, now), leased_at))
             continue
         conn.execute(DELETE_JOB, (job_id,))
         values = (job_id, name, payload, attempts, max_retries, lease_seq, exception)
         conn.execute(INSERT_FAILED, (*values, created, available, ts(now)))
+        buried.append((name, now))
         results.append(
             Buried(
                 FailedJob(
                     job_id, name, payload, attempts, exception, dt(created), dt(available), now
-                )
+                ),
+                leased_at,
             )
         )
+    _count_finished(conn, buried, succeeded=False)
     return results
 
 

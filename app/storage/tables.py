@@ -8,7 +8,7 @@ A job moves between tables in one transaction. Besides bg_jobs' columns, each ro
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, Text, text
+from sqlalchemy import BigInteger, Column, DateTime, Index, Text, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -149,3 +149,36 @@ class BatchIdempotencyKeyRow(SQLModel, table=True):
     created_at: datetime = _time()
 
     __table_args__ = (Index("ix_batch_idempotency_keys_created_at", "created_at"),)
+
+
+class FinishedPerMinuteRow(SQLModel, table=True):
+    """Jobs that succeeded or finally failed, per job name and minute, counted by the
+    writer in the ack or fail's own transaction: /stats reads a few rows instead of
+    scanning history. `shard` spreads one (name, minute) over several rows, so replicas
+    on PostgreSQL do not queue behind one row lock; readers sum the shards."""
+
+    __tablename__ = "finished_per_minute"
+
+    name: str = Field(primary_key=True, max_length=255)
+    minute: datetime = Field(sa_column=Column(UTCDateTime(), primary_key=True))
+    shard: int = Field(default=0, primary_key=True)
+    succeeded: int = 0
+    failed: int = 0
+
+    __table_args__ = (Index("ix_finished_per_minute_minute", "minute"),)
+
+
+class JobCountRow(SQLModel, table=True):
+    """Jobs per name and state (pending = available or scheduled, reserved, succeeded,
+    failed), kept by database triggers on the three job tables, so counting a
+    million-job backlog is a read of a few rows, and every writer (an older replica in a
+    rolling upgrade included) keeps it right. Sharded like `finished_per_minute`."""
+
+    __tablename__ = "job_counts"
+
+    name: str = Field(primary_key=True, max_length=255)
+    shard: int = Field(default=0, primary_key=True)
+    pending: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    reserved: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    succeeded: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    failed: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
