@@ -156,6 +156,7 @@ async def test_delete_by_filter_skips_what_was_leased_meanwhile(
     async def work() -> None:
         while not stop.is_set():
             leased.update(item["job"]["id"] for item in await lease(client, ["h"], max_jobs=20))
+            await asyncio.sleep(0)  # in-process, a poll that finds nothing never suspends
 
     worker = asyncio.create_task(work())
     answer = (
