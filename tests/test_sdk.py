@@ -319,21 +319,25 @@ async def test_a_timed_out_handler_fails_its_job_and_keeps_its_slot(
 
 # -- shutdown and restarts: the worker in its own process ------------------------------------
 
-WORKER_SCRIPT = """
+WORKER_SCRIPT = r"""
 import sys, time, logging
 from bgjobs_client import Client, Worker
 logging.basicConfig(level=logging.INFO)
 url, seconds, shutdown = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 worker = Worker(Client(url), "w-proc", concurrency=2, lease_ms=3000, shutdown_timeout=shutdown)
 
+def say(line):  # one write: lines from handler threads must not interleave
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
 @worker.handler("sleepy")
 def sleepy(job):
-    print("start", job.payload, flush=True)
+    say(f"start {job.payload}")
     time.sleep(seconds)
-    print("end", job.payload, flush=True)
+    say(f"end {job.payload}")
 
 worker.run()
-print("drained", flush=True)
+say("drained")
 """
 
 
@@ -350,14 +354,37 @@ def start_worker(
     )
 
 
-def wait_for_starts(process: subprocess.Popen[str], n: int) -> list[str]:
-    assert process.stdout is not None
-    lines = []
-    while len([line for line in lines if line.startswith("start")]) < n:
-        line = process.stdout.readline()
-        assert line, f"the worker ended early: {process.stderr.read() if process.stderr else ''}"
-        lines.append(line.strip())
-    return lines
+class Output:
+    """The worker's stdout lines, read on a thread as they come (none lost to buffering)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self._thread.start()
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.lines.append(line.strip())
+
+    def of(self, kind: str) -> set[str]:
+        return {line.split(" ", 1)[1] for line in self.lines if line.startswith(kind + " ")}
+
+    def join(self) -> None:
+        self._thread.join(timeout=30)
+
+
+async def stop_after_starts(
+    process: subprocess.Popen[str], output: Output, n: int
+) -> tuple[int, str]:
+    """SIGTERM once `n` jobs have started; the exit status and stderr."""
+    await until(lambda: len(output.of("start")) >= n, 30, f"{n} jobs started")
+    process.send_signal(signal.SIGTERM)
+    assert process.stderr is not None
+    err = await asyncio.to_thread(process.stderr.read)
+    status = await asyncio.to_thread(process.wait, 30)
+    output.join()
+    return status, err
 
 
 async def test_sigterm_lets_running_jobs_finish_and_leaves_the_rest(
@@ -365,17 +392,19 @@ async def test_sigterm_lets_running_jobs_finish_and_leaves_the_rest(
 ) -> None:
     jobs = [await aclient.enqueue("sleepy", str(i)) for i in range(6)]
     process = start_worker(tmp_path, server.url, 1.5, 25)
+    output = Output(process)
     try:
-        await asyncio.to_thread(wait_for_starts, process, 2)
-        process.send_signal(signal.SIGTERM)
-        out, err = await asyncio.to_thread(process.communicate, timeout=30)
+        status, err = await stop_after_starts(process, output, 2)
     finally:
         process.kill()
-    assert process.returncode == 0, err
-    assert out.count("end") == 2 and out.strip().endswith("drained")
-    now = [await aclient.get_job(j.id) for j in jobs]
-    assert Counter(j.state for j in now) == Counter({"succeeded": 2, "available": 4})
-    assert {j.attempts for j in now if j.state == "available"} == {0}  # never leased
+    assert status == 0, err
+    started = output.of("start")
+    assert 2 <= len(started) < 6 and output.of("end") == started  # the running ones finished
+    assert output.lines[-1] == "drained"
+    now = {j.payload: await aclient.get_job(j.id) for j in jobs}
+    assert {p for p, j in now.items() if j.state == "succeeded"} == started
+    rest = [j for p, j in now.items() if p not in started]
+    assert all(j.state == "available" and j.attempts == 0 for j in rest)  # never leased
 
 
 async def test_past_the_shutdown_timeout_leases_are_released_and_the_process_exits(
@@ -383,14 +412,13 @@ async def test_past_the_shutdown_timeout_leases_are_released_and_the_process_exi
 ) -> None:
     jobs = [await aclient.enqueue("sleepy", str(i)) for i in range(2)]
     process = start_worker(tmp_path, server.url, 60, 1)
+    output = Output(process)
     try:
-        await asyncio.to_thread(wait_for_starts, process, 2)
-        process.send_signal(signal.SIGTERM)
-        out, err = await asyncio.to_thread(process.communicate, timeout=30)
+        status, err = await stop_after_starts(process, output, 2)
     finally:
         process.kill()
-    assert process.returncode == 1, err
-    assert "end" not in out and "releasing their leases" in err
+    assert status == 1, err
+    assert output.of("end") == set() and "releasing their leases" in err
     for job in jobs:
         now = await aclient.get_job(job.id)
         assert now.state == "available" and now.attempts == 0  # released, not expired
