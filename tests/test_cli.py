@@ -239,3 +239,33 @@ def test_a_token_is_sent(server_process: Any) -> None:
         )  # fmt: skip
         assert made.returncode == 0, made.stderr
         assert json.loads(ok(server, "jobs", "--token", "r1", "--json"))[0]["payload"] == "x"
+
+
+def test_stats_shows_counts_by_name(server: ServerProcess) -> None:
+    for name, n in (("mail", 3), ("report", 1)):
+        for i in range(n):
+            ok(server, "enqueue", name, "--payload", str(i))
+    ok(server, "enqueue", "report", "--payload", "later", "--in", "1h")
+    body = {"worker_id": "w", "names": ["mail"], "max_jobs": 1}
+    (lease,) = httpx.post(f"{server.url}/leases", json=body).json()["leases"]
+    httpx.post(f"{server.url}/leases/{lease['id']}/ack")
+    stats = json.loads(ok(server, "stats", "--json"))
+    by_name = {entry["name"]: entry for entry in stats["names"]}
+    assert by_name["mail"]["counts"] == {
+        "available": 2, "scheduled": 0, "reserved": 0, "succeeded": 1, "failed": 0
+    }  # fmt: skip
+    assert by_name["report"]["counts"]["scheduled"] == 1
+    assert stats["totals"]["counts"]["available"] == 3
+    assert stats["totals"]["last_minute"]["succeeded"] == 1
+    header, mail, report, total = ok(server, "stats").splitlines()
+    assert header.split()[:6] == [
+        "name",
+        "available",
+        "scheduled",
+        "reserved",
+        "succeeded",
+        "failed",
+    ]
+    assert mail.split()[:6] == ["mail", "2", "0", "0", "1", "0"]
+    assert report.split()[:6] == ["report", "1", "1", "0", "0", "0"]
+    assert total.split()[:6] == ["(total)", "3", "1", "0", "1", "0"]
