@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import bulk, errors, health, jobs, leases, observability
+from app.api import auth, bulk, errors, health, jobs, leases, observability
 from app.api.auth import parse_tokens
 from app.api.body import with_documented_bodies
 from app.api.fastlane import FastLane
@@ -24,7 +24,14 @@ from app.settings import Settings
 from app.shutdown import on_stop_signal
 from app.storage import ensure_schema, open_storage
 
-ROUTERS = (bulk.router, jobs.router, leases.router, health.router, observability.router)
+ROUTERS = (
+    bulk.router,
+    jobs.router,
+    leases.router,
+    health.router,
+    observability.router,
+    auth.router,
+)
 
 DESCRIPTION = """\
 An HTTP job queue. Producers enqueue jobs with `POST /jobs`; workers long-poll

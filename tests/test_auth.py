@@ -161,3 +161,21 @@ def test_tokens_never_reach_the_logs(server_process: Any) -> None:
         output = server.output()
     assert "POST /jobs" in output  # the log is there...
     assert secret not in output  # ...and the token is not
+
+
+async def test_auth_me_tells_a_token_its_scopes(client: httpx.AsyncClient) -> None:
+    for token, scopes in parse_tokens(TOKENS).items():
+        response = await client.get("/auth/me", headers=auth(token))
+        assert response.status_code == 200, response.text
+        assert response.json() == {"scopes": sorted(scopes), "open": False}
+    assert (await client.get("/auth/me")).status_code == 401
+    assert (await client.get("/auth/me", headers=auth("nope"))).status_code == 401
+
+
+async def test_auth_me_on_an_open_server(db_url: str) -> None:
+    app = create_app(Settings(database_url=db_url))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answer = (await client.get("/auth/me")).json()
+    assert answer == {"scopes": ["admin", "enqueue", "metrics", "read", "work"], "open": True}

@@ -9,9 +9,11 @@ import hmac
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
 
+from app.api.errors import responses
 from app.queue.errors import Forbidden, Unauthenticated
 
 SCOPES = ("enqueue", "work", "read", "admin", "metrics")
@@ -53,11 +55,11 @@ def scopes_of(tokens: Tokens, presented: str) -> frozenset[str] | None:
     return found
 
 
-def authorize(request: Request, scope: str) -> None:
-    """The caller's bearer token must carry `scope` (when tokens are configured)."""
+def caller_scopes(request: Request) -> frozenset[str]:
+    """The scopes of the caller's bearer token; every scope on an open server."""
     tokens: Tokens = request.app.state.tokens
     if not tokens:
-        return
+        return frozenset(SCOPES)
     scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -65,7 +67,14 @@ def authorize(request: Request, scope: str) -> None:
     scopes = scopes_of(tokens, token)
     if scopes is None:
         raise Unauthenticated("invalid API token")
-    if scope not in scopes:
+    return scopes
+
+
+def authorize(request: Request, scope: str) -> None:
+    """The caller's bearer token must carry `scope` (when tokens are configured)."""
+    if not request.app.state.tokens:
+        return
+    if scope not in caller_scopes(request):
         raise Forbidden(f"this API token lacks the '{scope}' scope")
 
 
@@ -79,3 +88,27 @@ def require(scope: str) -> Any:
         authorize(request, scope)
 
     return Depends(check)
+
+
+class MeOut(BaseModel):
+    scopes: list[str] = Field(
+        description="What this token may do; every scope when the server has no tokens.",
+        examples=[["read", "admin"]],
+    )
+    open: bool = Field(description="True when the server runs without API tokens.")
+
+
+router = APIRouter(tags=["auth"])
+
+
+@router.get(
+    "/auth/me",
+    operation_id="get_auth_me",
+    summary="What the caller's token may do",
+    response_description="The token's scopes, so a dashboard shows only what it may do.",
+    responses={401: responses()[401]},
+    dependencies=[Depends(bearer)],
+)
+async def me(request: Request) -> MeOut:
+    """Any valid token may ask; a missing or unknown token is a 401."""
+    return MeOut(scopes=sorted(caller_scopes(request)), open=not request.app.state.tokens)
