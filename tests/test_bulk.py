@@ -232,3 +232,27 @@ async def test_bulk_actions_are_logged_with_a_token_fingerprint(
     (line,) = [r.getMessage() for r in caplog.records if r.name == "bgjobs.bulk"]
     assert line.startswith("bulk retry of failed jobs by token sha256:") and "3 done" in line
     assert "sekrit" not in caplog.text
+
+
+async def test_failed_jobs_grouped_by_the_first_line(client: httpx.AsyncClient) -> None:
+    failures = [("mail", "SMTP 550: no such user\n  at send()")] * 3 + [
+        ("mail", "timeout"),
+        ("sms", "SMTP 550: no such user\nother trace"),
+    ]
+    for name, exception in failures:
+        await enqueue(client, name, max_retries=0)
+        (item,) = await lease(client, [name])
+        await client.post(f"/leases/{item['id']}/fail", json={"exception": exception})
+    answer = (await client.get("/jobs/failed/groups")).json()
+    assert answer["scanned"] == 5 and answer["complete"] is True
+    first, second = answer["groups"]
+    assert (first["first_line"], first["count"], first["names"]) == (
+        "SMTP 550: no such user", 4, {"mail": 3, "sms": 1}
+    )  # fmt: skip
+    assert (second["first_line"], second["count"]) == ("timeout", 1)
+    only_sms = (await client.get("/jobs/failed/groups", params={"name": "sms"})).json()
+    assert [(g["first_line"], g["count"]) for g in only_sms["groups"]] == [
+        ("SMTP 550: no such user", 1)
+    ]
+    bad = await client.get("/jobs/failed/groups", params={"name": "no spaces"})
+    assert bad.status_code == 422

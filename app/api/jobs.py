@@ -16,13 +16,15 @@ from app.api.schemas import (
     EnqueueBatchRequest,
     EnqueueRequest,
     FailedJobPage,
+    FailureGroupOut,
+    FailureGroupsOut,
     JobOut,
     JobPage,
     JobsOut,
     SucceededJobPage,
 )
 from app.queue.models import AnyJob, Job
-from app.queue.service import JobSpec, QueueService
+from app.queue.service import GROUP_SCAN, JobSpec, QueueService
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -203,6 +205,25 @@ async def list_failed_jobs(
     """Newest first by `failed_at`; walking the cursors returns each row once."""
     page = await service.list_failed(name, limit, cursor)
     return FailedJobPage.model_validate(page, from_attributes=True)
+
+
+@router.get(
+    "/failed/groups",
+    operation_id="group_failed_jobs",
+    dependencies=[require("read")],
+    summary="Failed jobs grouped by exception",
+    response_description="Groups by the exception's first line, most frequent first.",
+    responses=responses(),
+)
+async def group_failed_jobs(service: Service, name: NameFilter = None) -> FailureGroupsOut:
+    """The newest 10,000 failed jobs (of `name`), grouped by the first line of their
+    exception, with counts per job name: what is failing, at a glance."""
+    groups, scanned = await service.failure_groups(name)
+    return FailureGroupsOut(
+        groups=[FailureGroupOut.model_validate(g, from_attributes=True) for g in groups],
+        scanned=scanned,
+        complete=scanned < GROUP_SCAN,
+    )
 
 
 @router.get(

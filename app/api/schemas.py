@@ -868,3 +868,37 @@ class StatsOut(BaseModel):
         description="With `?series=Nm`: finishes per minute over the last N minutes (the "
         "current one included), oldest first, zero-filled.",
     )
+
+
+class FailureGroupOut(BaseModel):
+    first_line: str = Field(description="The first line of the exception the jobs share.")
+    count: int
+    names: dict[str, int] = Field(description="How many of them per job name, most first.")
+    last_failed_at: Timestamp
+
+
+class FailureGroupsOut(BaseModel):
+    """Failed jobs grouped by the first line of their exception, most frequent first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "groups": [
+                        {
+                            "first_line": "SMTPRecipientsRefused: 550 no such user",
+                            "count": 500,
+                            "names": {"send_email": 500},
+                            "last_failed_at": EXAMPLE_TIME,
+                        }
+                    ],
+                    "scanned": 512,
+                    "complete": True,
+                }
+            ]
+        }
+    )
+
+    groups: list[FailureGroupOut]
+    scanned: int = Field(description="Failed jobs read, newest first (at most 10,000).")
+    complete: bool = Field(description="False when there are older failed jobs not read.")

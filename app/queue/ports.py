@@ -56,6 +56,16 @@ class PendingQuery:
 
 
 @dataclass(slots=True, frozen=True)
+class FailureGroup:
+    """Failed jobs that share the first line of their exception."""
+
+    first_line: str
+    count: int
+    names: dict[str, int]  # how many of them per job name
+    last_failed_at: datetime
+
+
+@dataclass(slots=True, frozen=True)
 class WalkQuery:
     """A bulk action's walk over the jobs that were in `state` at `t0`, oldest first."""
 
@@ -206,6 +216,10 @@ class Storage(Protocol):
 
     async def delete_many(self, items: Sequence[tuple[str, DeleteScope]]) -> list[CancelResult]:
         """Delete each job where its scope allows (a reserved job never), in one transaction."""
+
+    async def failure_groups(self, name: str | None, scan: int) -> tuple[list[FailureGroup], int]:
+        """The newest `scan` failed jobs grouped by their exception's first line, most
+        frequent first, and how many rows were read."""
 
     async def walk(self, query: WalkQuery) -> list[tuple[datetime, str]]:
         """(time, id) of the next jobs that were in `query.state` at `query.t0`: failed or

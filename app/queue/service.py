@@ -58,6 +58,7 @@ from app.queue.notifier import Notifier, Waiter
 from app.queue.observer import NoObserver, Observer, Reason
 from app.queue.ports import (
     FailItem,
+    FailureGroup,
     Finished,
     HistoryQuery,
     NameCounts,
@@ -66,6 +67,7 @@ from app.queue.ports import (
     Storage,
 )
 
+GROUP_SCAN = 10_000  # failed jobs GET /jobs/failed/groups reads, newest first
 log = logging.getLogger("bgjobs.queue")
 events = logging.getLogger("bgjobs.jobs")  # lifecycle events, one line each
 
@@ -708,6 +710,11 @@ class QueueService:
         before = decode_cursor("failed", cursor) if cursor else None
         jobs = await self.storage.list_failed(HistoryQuery(name, limit + 1, before))
         return _page(jobs, limit, lambda j: encode_cursor("failed", j.failed_at, j.id))
+
+    async def failure_groups(self, name: str | None) -> tuple[list[FailureGroup], int]:
+        """The newest failed jobs by their exception's first line: "500 of these failed with
+        SMTP 550" at a glance. A bounded scan, so it stays cheap at any backlog."""
+        return await self.storage.failure_groups(name, GROUP_SCAN)
 
     # -- counts (for /metrics and /stats) -----------------------------------------------
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, Select, func, select, tuple_
+from sqlalchemy import RowMapping, Select, case, func, select, tuple_
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -33,6 +33,7 @@ from app.queue.ports import (
     CancelResult,
     DeleteScope,
     FailItem,
+    FailureGroup,
     Finished,
     HistoryQuery,
     LeasePosition,
@@ -374,6 +375,34 @@ class SqlStorage:
             stmt = stmt.where(tuple_(finished, table.c.id) < query.before)
         async with self._read() as conn:
             return (await conn.execute(stmt)).mappings().all()
+
+    async def failure_groups(self, name: str | None, scan: int) -> tuple[list[FailureGroup], int]:
+        """A bounded read: the newest `scan` rows along the failed_at index, the first line
+        cut in SQL so whole tracebacks never leave the database."""
+        stmt = (
+            select(failed.c.name, self._first_line(failed.c.exception), failed.c.failed_at)
+            .order_by(failed.c.failed_at.desc(), failed.c.id.desc())
+            .limit(scan)
+        )
+        if name is not None:
+            stmt = stmt.where(failed.c.name == name)
+        async with self._read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        groups: dict[str, tuple[Counter[str], datetime]] = {}
+        for job_name, line, failed_at in rows:
+            names, _ = groups.setdefault(line, (Counter(), failed_at))  # newest first
+            names[job_name] += 1
+        ordered = sorted(groups.items(), key=lambda g: (-g[1][0].total(), g[0]))
+        return [
+            FailureGroup(line, names.total(), dict(names.most_common()), last)
+            for line, (names, last) in ordered
+        ], len(rows)
+
+    def _first_line(self, column: Any) -> Any:
+        if self.engine.dialect.name == "postgresql":
+            return func.split_part(column, "\n", 1)
+        cut = func.instr(column, "\n")
+        return case((cut == 0, column), else_=func.substr(column, 1, cut - 1))
 
     async def walk(self, query: WalkQuery) -> list[tuple[datetime, str]]:
         """Along each table's (time, id) index; `t0` bounds it, so rows that arrive during
