@@ -256,3 +256,38 @@ async def test_failed_jobs_grouped_by_the_first_line(client: httpx.AsyncClient) 
     ]
     bad = await client.get("/jobs/failed/groups", params={"name": "no spaces"})
     assert bad.status_code == 422
+
+
+async def test_search_by_payload_and_exception(client: httpx.AsyncClient) -> None:
+    await enqueue(client, "mail", '{"to": "ada@example.com"}')
+    bob = await enqueue(client, "mail", '{"to": "bob@example.com"}')
+    found = (await client.get("/jobs", params={"q": "bob@"})).json()
+    assert [j["id"] for j in found["items"]] == [bob["id"]] and found["next_cursor"] is None
+    await enqueue(client, "sms", "plain", max_retries=0)
+    (item,) = await lease(client, ["sms"])
+    await client.post(f"/leases/{item['id']}/fail", json={"exception": "Gateway said 503"})
+    by_exception = (await client.get("/jobs/failed", params={"q": "said 503"})).json()
+    assert [j["id"] for j in by_exception["items"]] == [item["job"]["id"]]
+    assert (await client.get("/jobs/failed", params={"q": "SAID 503"})).json()["items"] == []
+    (ok,) = await lease(client, ["mail"])
+    await client.post(f"/leases/{ok['id']}/ack")
+    done = (await client.get("/jobs/succeeded", params={"q": "ada@"})).json()
+    assert [j["id"] for j in done["items"]] == [ok["job"]["id"]]
+    assert (await client.get("/jobs", params={"q": ""})).status_code == 422
+
+
+async def test_a_search_stops_at_its_scan_budget_with_a_cursor(client: httpx.AsyncClient) -> None:
+    """10,050 pending jobs, the only match last: the first call reads 10,000 and finds
+    nothing, but its cursor leads the second call to the match."""
+    for start in range(0, 10_050, 1000):
+        jobs = [
+            {"name": "n", "payload": f"job {i}"} for i in range(start, min(10_050, start + 1000))
+        ]
+        assert (await client.post("/jobs/batch", json={"jobs": jobs})).status_code == 201
+    needle = await enqueue(client, "n", "the needle")
+    first = (await client.get("/jobs", params={"q": "needle", "limit": 10})).json()
+    assert first["items"] == [] and first["next_cursor"] is not None
+    second = (
+        await client.get("/jobs", params={"q": "needle", "cursor": first["next_cursor"]})
+    ).json()
+    assert [j["id"] for j in second["items"]] == [needle["id"]] and second["next_cursor"] is None

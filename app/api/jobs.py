@@ -28,6 +28,16 @@ from app.queue.service import GROUP_SCAN, JobSpec, QueueService
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+Search = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=200,
+        description="Only jobs whose payload (or exception) contains this text, case-sensitive. "
+        "A bounded scan: each call reads at most 10,000 jobs, so a page may hold fewer "
+        "matches than `limit` (even none) with a `next_cursor` to go on searching.",
+    ),
+]
 NameFilter = Annotated[
     str | None,
     Query(pattern=r"^[A-Za-z0-9_.:\-]{1,255}$", description="Only jobs of this name."),
@@ -167,9 +177,10 @@ async def list_jobs(
     name: NameFilter = None,
     limit: Limit = 50,
     cursor: Cursor = None,
+    q: Search = None,
 ) -> JobPage:
     """Pending jobs ordered by `available_at` (oldest first)."""
-    page = await service.list_pending(state, name, limit, cursor)
+    page = await service.list_pending(state, name, limit, cursor, q)
     return JobPage(
         items=[JobOut.model_validate(j) for j in page.items], next_cursor=page.next_cursor
     )
@@ -184,10 +195,14 @@ async def list_jobs(
     responses=responses(),
 )
 async def list_succeeded_jobs(
-    service: Service, name: NameFilter = None, limit: Limit = 50, cursor: Cursor = None
+    service: Service,
+    name: NameFilter = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    q: Search = None,
 ) -> SucceededJobPage:
     """Newest first by `succeeded_at`; walking the cursors returns each row once."""
-    page = await service.list_succeeded(name, limit, cursor)
+    page = await service.list_succeeded(name, limit, cursor, q)
     return SucceededJobPage.model_validate(page, from_attributes=True)
 
 
@@ -200,10 +215,14 @@ async def list_succeeded_jobs(
     responses=responses(),
 )
 async def list_failed_jobs(
-    service: Service, name: NameFilter = None, limit: Limit = 50, cursor: Cursor = None
+    service: Service,
+    name: NameFilter = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    q: Search = None,
 ) -> FailedJobPage:
     """Newest first by `failed_at`; walking the cursors returns each row once."""
-    page = await service.list_failed(name, limit, cursor)
+    page = await service.list_failed(name, limit, cursor, q)
     return FailedJobPage.model_validate(page, from_attributes=True)
 
 

@@ -53,6 +53,8 @@ class PendingQuery:
     name: str | None
     limit: int
     after: tuple[datetime, str] | None  # keyset: (available_at, id) of the last row seen
+    q: str | None = None  # only jobs whose payload holds this, among the next `scan` rows
+    scan: int = 10_000
 
 
 @dataclass(slots=True, frozen=True)
@@ -81,6 +83,8 @@ class HistoryQuery:
     name: str | None
     limit: int
     before: tuple[datetime, str] | None  # keyset: (finished_at, id) of the last row seen
+    q: str | None = None  # only jobs whose payload or exception holds this, in `scan` rows
+    scan: int = 10_000
 
 
 @dataclass(slots=True, frozen=True)
@@ -216,6 +220,14 @@ class Storage(Protocol):
 
     async def delete_many(self, items: Sequence[tuple[str, DeleteScope]]) -> list[CancelResult]:
         """Delete each job where its scope allows (a reserved job never), in one transaction."""
+
+    async def search_end(
+        self,
+        kind: Literal["pending", "succeeded", "failed"],
+        query: PendingQuery | HistoryQuery,
+        now: datetime,
+    ) -> tuple[datetime, str] | None:
+        """Where a search that read a full `scan` of rows stopped: the next page's start."""
 
     async def failure_groups(self, name: str | None, scan: int) -> tuple[list[FailureGroup], int]:
         """The newest `scan` failed jobs grouped by their exception's first line, most

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from app.queue.backoff import backoff_ms
 from app.queue.bulk import BulkActions
@@ -67,6 +67,7 @@ from app.queue.ports import (
     Storage,
 )
 
+SEARCH_SCAN = 10_000  # rows a search (`q=`) reads per page at most
 GROUP_SCAN = 10_000  # failed jobs GET /jobs/failed/groups reads, newest first
 log = logging.getLogger("bgjobs.queue")
 events = logging.getLogger("bgjobs.jobs")  # lifecycle events, one line each
@@ -689,27 +690,51 @@ class QueueService:
         return job
 
     async def list_pending(
-        self, state: PendingState | None, name: str | None, limit: int, cursor: str | None
+        self,
+        state: PendingState | None,
+        name: str | None,
+        limit: int,
+        cursor: str | None,
+        q: str | None = None,
     ) -> Page[Job]:
         after = decode_cursor("pending", cursor) if cursor else None
-        jobs = await self.storage.list_pending(
-            PendingQuery(state, name, limit + 1, after), self.clock.now()
-        )
-        return _page(jobs, limit, lambda j: encode_cursor("pending", j.available_at, j.id))
+        query = PendingQuery(state, name, limit + 1, after, q, SEARCH_SCAN)
+        now = self.clock.now()
+        jobs = await self.storage.list_pending(query, now)
+        page = _page(jobs, limit, lambda j: encode_cursor("pending", j.available_at, j.id))
+        return await self._searched(page, "pending", query, now)
 
     async def list_succeeded(
-        self, name: str | None, limit: int, cursor: str | None
+        self, name: str | None, limit: int, cursor: str | None, q: str | None = None
     ) -> Page[SucceededJob]:
         before = decode_cursor("succeeded", cursor) if cursor else None
-        jobs = await self.storage.list_succeeded(HistoryQuery(name, limit + 1, before))
-        return _page(jobs, limit, lambda j: encode_cursor("succeeded", j.succeeded_at, j.id))
+        query = HistoryQuery(name, limit + 1, before, q, SEARCH_SCAN)
+        jobs = await self.storage.list_succeeded(query)
+        page = _page(jobs, limit, lambda j: encode_cursor("succeeded", j.succeeded_at, j.id))
+        return await self._searched(page, "succeeded", query, self.clock.now())
 
     async def list_failed(
-        self, name: str | None, limit: int, cursor: str | None
+        self, name: str | None, limit: int, cursor: str | None, q: str | None = None
     ) -> Page[FailedJob]:
         before = decode_cursor("failed", cursor) if cursor else None
-        jobs = await self.storage.list_failed(HistoryQuery(name, limit + 1, before))
-        return _page(jobs, limit, lambda j: encode_cursor("failed", j.failed_at, j.id))
+        query = HistoryQuery(name, limit + 1, before, q, SEARCH_SCAN)
+        jobs = await self.storage.list_failed(query)
+        page = _page(jobs, limit, lambda j: encode_cursor("failed", j.failed_at, j.id))
+        return await self._searched(page, "failed", query, self.clock.now())
+
+    async def _searched(
+        self,
+        page: Page[T],
+        kind: Literal["pending", "succeeded", "failed"],
+        query: PendingQuery | HistoryQuery,
+        now: datetime,
+    ) -> Page[T]:
+        """A search that found less than a page may have stopped at its scan budget: then
+        the cursor points past the rows it read, so the next call goes on from there."""
+        if query.q is None or page.next_cursor is not None:
+            return page
+        end = await self.storage.search_end(kind, query, now)
+        return Page(page.items, None if end is None else encode_cursor(kind, *end))
 
     async def failure_groups(self, name: str | None) -> tuple[list[FailureGroup], int]:
         """The newest failed jobs by their exception's first line: "500 of these failed with

@@ -7,9 +7,9 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import RowMapping, Select, case, func, select, tuple_
+from sqlalchemy import RowMapping, Select, case, func, or_, select, tuple_
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -337,7 +337,15 @@ class SqlStorage:
         return None if row is None else FailedJob(*[row[c] for c in FAILED_COLUMNS.split(", ")])
 
     async def list_pending(self, query: PendingQuery, now: datetime) -> list[Job]:
-        stmt = select(jobs).order_by(jobs.c.available_at, jobs.c.id).limit(query.limit)
+        stmt = self._pending(query, now, jobs)
+        order = (jobs.c.available_at, jobs.c.id)
+        async with self._read() as conn:
+            rows = (await conn.execute(self._page_of(stmt, order, False, query))).mappings().all()
+        columns = JOB_COLUMNS.split(", ")
+        return [job_from([row[c] for c in columns], now) for row in rows]
+
+    def _pending(self, query: PendingQuery, now: datetime, *columns: Any) -> Select[Any]:
+        stmt = select(*columns)
         if query.state == "reserved":
             stmt = stmt.where(jobs.c.reserved_at.is_not(None))
         elif query.state == "available":
@@ -348,10 +356,7 @@ class SqlStorage:
             stmt = stmt.where(jobs.c.name == query.name)
         if query.after is not None:
             stmt = stmt.where(tuple_(jobs.c.available_at, jobs.c.id) > query.after)
-        async with self._read() as conn:
-            rows = (await conn.execute(stmt)).mappings().all()
-        columns = JOB_COLUMNS.split(", ")
-        return [job_from([row[c] for c in columns], now) for row in rows]
+        return stmt
 
     async def list_succeeded(self, query: HistoryQuery) -> list[SucceededJob]:
         rows = await self._history(succeeded, succeeded.c.succeeded_at, query)
@@ -368,13 +373,59 @@ class SqlStorage:
     ) -> Sequence[RowMapping]:
         """Newest first with a (finished_at, id) keyset: rows arriving later sort before the
         cursor, so a walk returns every older row exactly once."""
-        stmt = select(table).order_by(finished.desc(), table.c.id.desc()).limit(query.limit)
+        stmt = self._history_select(table, finished, query, table)
+        page = self._page_of(stmt, (finished, table.c.id), True, query)
+        async with self._read() as conn:
+            rows: Sequence[RowMapping] = (await conn.execute(page)).mappings().all()
+        return rows
+
+    @staticmethod
+    def _history_select(
+        table: Any, finished: Any, query: HistoryQuery, *columns: Any
+    ) -> Select[Any]:
+        stmt = select(*columns)
         if query.name is not None:
             stmt = stmt.where(table.c.name == query.name)
         if query.before is not None:
             stmt = stmt.where(tuple_(finished, table.c.id) < query.before)
+        return stmt
+
+    def _page_of(
+        self, stmt: Select[Any], order: tuple[Any, Any], newest_first: bool, query: Any
+    ) -> Select[Any]:
+        """One page along `order`; with `q`, only the next `scan` rows are read and the
+        ones whose payload (or exception) holds `q` kept: a bounded scan at any backlog."""
+        if query.q is None:
+            return stmt.order_by(*_ordered(order, newest_first)).limit(query.limit)
+        window = stmt.order_by(*_ordered(order, newest_first)).limit(query.scan).subquery()
+        fields = [c for c in ("payload", "exception") if c in window.c]
+        match = or_(*(self._contains(window.c[f], query.q) for f in fields))
+        keys = (window.c[order[0].name], window.c[order[1].name])
+        return (
+            select(window).where(match).order_by(*_ordered(keys, newest_first)).limit(query.limit)
+        )
+
+    def _contains(self, column: Any, text: str) -> Any:
+        """Case-sensitive substring on both backends (LIKE differs between them)."""
+        position = func.strpos if self.engine.dialect.name == "postgresql" else func.instr
+        return position(column, text) > 0
+
+    async def search_end(
+        self, kind: Literal["pending", "succeeded", "failed"], query: Any, now: datetime
+    ) -> tuple[datetime, str] | None:
+        """The key of the last row a search's scan read, when it read a full `scan`: where
+        the next page's scan starts. None when the scan reached the end."""
+        if kind == "pending":
+            order: tuple[Any, Any] = (jobs.c.available_at, jobs.c.id)
+            stmt = self._pending(query, now, *order)
+        else:
+            table = succeeded if kind == "succeeded" else failed
+            order = (table.c[f"{kind}_at"], table.c.id)
+            stmt = self._history_select(table, order[0], query, *order)
+        last = stmt.order_by(*_ordered(order, kind != "pending")).offset(query.scan - 1).limit(1)
         async with self._read() as conn:
-            return (await conn.execute(stmt)).mappings().all()
+            row = (await conn.execute(last)).first()
+        return None if row is None else (row[0], row[1])
 
     async def failure_groups(self, name: str | None, scan: int) -> tuple[list[FailureGroup], int]:
         """A bounded read: the newest `scan` rows along the failed_at index, the first line
@@ -486,6 +537,10 @@ def _name_counts(row: RowMapping, now: datetime) -> NameCounts:
         failed=int(row["failed"]),
         oldest_available_at=oldest if oldest is not None and oldest <= now else None,
     )
+
+
+def _ordered(order: tuple[Any, Any], newest_first: bool) -> tuple[Any, Any]:
+    return (order[0].desc(), order[1].desc()) if newest_first else order
 
 
 async def _first(conn: AsyncConnection, stmt: Select[Any]) -> RowMapping | None:
