@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import auth, bulk, errors, health, jobs, leases, observability
+from app.api import auth, bulk, errors, events, health, jobs, leases, observability
 from app.api.auth import parse_tokens
 from app.api.body import with_documented_bodies
 from app.api.fastlane import FastLane
@@ -31,6 +31,7 @@ ROUTERS = (
     health.router,
     observability.router,
     auth.router,
+    events.router,
 )
 
 DESCRIPTION = """\
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             retry_base_ms=settings.retry_base_ms,
             retry_max_ms=settings.retry_max_ms,
             max_waiting_polls=settings.max_waiting_polls,
+            max_event_streams=settings.max_event_streams,
             max_response_bytes=settings.max_response_bytes,
             retain_succeeded_hours=settings.retain_succeeded_hours,
             retain_failed_hours=settings.retain_failed_hours,

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     # Room for a payload at its limit after JSON escaping, and the other fields.
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_waiting_polls: int = Field(default=1000, ge=1)
+    max_event_streams: int = Field(default=100, ge=1, le=10_000)  # GET /events at once
     # POST /leases stops adding leases before their payloads pass this (at least one goes).
     max_response_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
     # Longer than common client pools keep idle connections (httpx 5 s, aiohttp 15 s,

@@ -14,6 +14,7 @@ from typing import Literal
 
 from app.queue.clock import Clock
 from app.queue.errors import Conflict, NotFound, QueueError
+from app.queue.events import EventHub
 from app.queue.models import Job, could_exist
 from app.queue.notifier import Notifier
 from app.queue.ports import BulkState, DeleteScope, Storage, WalkQuery
@@ -37,10 +38,11 @@ class BulkOutcome:
 
 
 class BulkActions:
-    def __init__(self, storage: Storage, notifier: Notifier, clock: Clock) -> None:
+    def __init__(self, storage: Storage, notifier: Notifier, clock: Clock, hub: EventHub) -> None:
         self.storage = storage
         self.notifier = notifier
         self.clock = clock
+        self.hub = hub
 
     async def retry_ids(self, job_ids: Sequence[str]) -> list[Job | QueueError]:
         """Each failed job back in the queue; a refusal per id that is not failed."""
@@ -66,6 +68,7 @@ class BulkActions:
             result = outcome.get(job_id, "missing")
             if result == "deleted":
                 results.append(None)
+                self._deleted([job_id])
             elif result == "reserved":
                 results.append(Conflict(f"job {job_id} is reserved by a worker", "reserved"))
             else:
@@ -96,11 +99,20 @@ class BulkActions:
             self._wake(jobs)
             return len(jobs)
         results = await self.storage.delete_many([(i, SCOPE[state]) for i in ids])
+        self._deleted([i for i, result in zip(ids, results, strict=True) if result == "deleted"])
         return results.count("deleted")
 
     def _wake(self, jobs: list[Job]) -> None:
         for name, count in Counter(job.name for job in jobs).items():
             self.notifier.notify(name, count)
+        now = self.clock.now()
+        for job in jobs:
+            self.hub.publish(job.id, job.name, "retried", job.state, now)
+
+    def _deleted(self, job_ids: Sequence[str]) -> None:
+        now = self.clock.now()
+        for job_id in job_ids:
+            self.hub.publish(job_id, "", "deleted", "deleted", now)
 
     async def _not_failed(self, job_id: str) -> QueueError:
         job = await self.storage.get(job_id, self.clock.now()) if could_exist(job_id) else None

@@ -38,6 +38,7 @@ from app.queue.errors import (
     QueueError,
     StorageUnavailable,
 )
+from app.queue.events import EventHub
 from app.queue.models import (
     AnyJob,
     Enqueued,
@@ -82,6 +83,7 @@ class Limits:
     retry_base_ms: int = 1000
     retry_max_ms: int = 3_600_000
     max_waiting_polls: int = 1000
+    max_event_streams: int = 100
     max_response_bytes: int = 8 * 1024 * 1024
     retain_succeeded_hours: int = 7 * 24  # 0: keep forever
     retain_failed_hours: int = 30 * 24
@@ -213,7 +215,8 @@ class QueueService:
         self.observer: Observer = observer or NoObserver()
         self._waiting = 0
         self.stopping = False
-        self.bulk = BulkActions(storage, notifier, clock)
+        self.hub = EventHub(limits.max_event_streams)
+        self.bulk = BulkActions(storage, notifier, clock, self.hub)
         self._counts: tuple[float, list[NameCounts]] | None = None
         self._counts_lock = asyncio.Lock()
 
@@ -253,6 +256,7 @@ class QueueService:
             job = done.job
         self._announce(job.name, job.available_at, now)
         self.observer.enqueued(job.name, 1)
+        self.hub.publish(job.id, job.name, "enqueued", job.state, now)
         return job, True
 
     async def enqueue_batch(
@@ -325,6 +329,10 @@ class QueueService:
             self.notifier.notify_at(name, due)
         for name, count in Counter(job.name for job in jobs).items():
             self.observer.enqueued(name, count)
+        if self.hub.subscribers:
+            for job in jobs:
+                state = "available" if job.available_at <= now else "scheduled"
+                self.hub.publish(job.id, job.name, "enqueued", state, now)
 
     @staticmethod
     def _reused(key: str) -> IdempotencyKeyReused:
@@ -413,6 +421,8 @@ class QueueService:
             self.notifier.found_empty(names, marks)
         else:
             self.observer.leased(leases, now)
+            for lease in leases:
+                self.hub.publish(lease.job.id, lease.job.name, "leased", "reserved", now)
         return leases
 
     async def _wait(self, waiter: Waiter, seconds: float) -> bool:
@@ -436,9 +446,11 @@ class QueueService:
                 self.notifier.notify(released.name, 1)
 
     def stop_waiting(self) -> None:
-        """Shutting down: open long polls answer now (with no jobs), new ones do not wait."""
+        """Shutting down: open long polls answer now (with no jobs), new ones do not wait,
+        and event streams end."""
         self.stopping = True
         self.notifier.wake_all()
+        self.hub.close()
 
     async def ack(self, lease_id: str) -> SucceededJob:
         return _or_raise((await self.ack_many([lease_id]))[0])
@@ -452,6 +464,7 @@ class QueueService:
         for job in acked:
             if job is not None:
                 self.observer.finished(job.name, "succeeded", "ok", job.leased_at, now)
+                self.hub.publish(job.id, job.name, "succeeded", "succeeded", now)
         done = iter(acked)
         return [
             await self._result(lease_id, job_id, "ack", None if job_id is None else next(done))
@@ -503,11 +516,14 @@ class QueueService:
 
     def _after_fail(self, outcome: FailOutcome, now: datetime, reason: Reason) -> None:
         job = outcome.job
+        change = "expired" if reason == "expired" else None
         if isinstance(outcome, Retrying):
             self._announce(job.name, job.available_at, now)
             self.observer.finished(job.name, "retrying", reason, outcome.leased_at, now)
+            self.hub.publish(job.id, job.name, change or "retrying", outcome.job.state, now)
             return
         self.observer.finished(job.name, "failed", reason, outcome.leased_at, now)
+        self.hub.publish(job.id, job.name, change or "failed", "failed", now)
         events.warning(
             "job %s (%s) moved to failed after %d attempts",
             job.id,
@@ -542,6 +558,7 @@ class QueueService:
         if job is None:
             raise await self._refusal(lease_id, job_id, "release")
         self.notifier.notify(job.name, 1)
+        self.hub.publish(job.id, job.name, "released", job.state, self.clock.now())
         return job
 
     async def reap_expired(self, batch: int = 200) -> int:
@@ -673,6 +690,7 @@ class QueueService:
             )
         if result == "missing":
             raise NotFound(f"job {job_id!r} not found")
+        self.hub.publish(job_id, "", "deleted", "deleted", self.clock.now())
 
     async def retry(self, job_id: str) -> Job:
         now = self.clock.now()
@@ -681,6 +699,7 @@ class QueueService:
             current = await self.get(job_id)
             raise Conflict(f"job {job_id} is {current.state}, not failed; only failed jobs retry")
         self.notifier.notify(job.name, 1)
+        self.hub.publish(job.id, job.name, "retried", job.state, now)
         events.info(
             "job %s (%s) retried from failed",
             job.id,
