@@ -12,6 +12,7 @@ const PENDING = ["available", "scheduled", "reserved"];
 const TOKEN_KEY = "bgjobs.token";
 const NAME_PATTERN = "[A-Za-z0-9_.:\\-]{1,255}";
 const PAGE_SIZE = 50;
+const MAX_SEARCH = 200; // the longest q= the server takes
 const POLL_MS = 2000; // without /events: how often /stats is read
 const DEBOUNCE_MS = 300; // a burst of events makes one refresh
 const SPARK_NAMES = 25; // per-name sparklines cost one /stats call each
@@ -414,7 +415,7 @@ function jobsView(main, parts, params) {
     h("a", { href: link("jobs/" + s, { name, q }), "aria-current": s === state ? "page" : false }, stateLabel(s))));
 
   const nameInput = h("input", { id: "f-name", name: "name", value: name, pattern: NAME_PATTERN, autocomplete: "off", placeholder: "all names" });
-  const qInput = h("input", { id: "f-q", name: "q", type: "search", value: q, autocomplete: "off", placeholder: "text in payload or exception" });
+  const qInput = h("input", { id: "f-q", name: "q", type: "search", value: q, maxlength: MAX_SEARCH, autocomplete: "off", placeholder: "text in payload or exception" });
   const filters = h("form", { class: "filters", role: "search", "aria-label": "Filter jobs", onsubmit: (e) => {
     e.preventDefault();
     go("jobs/" + state, { name: nameInput.value.trim(), q: qInput.value });
@@ -650,7 +651,7 @@ function failuresView(main, parts, params) {
         h("td", { class: "num" }, g.count),
         h("td", {}, Object.entries(g.names).map(([n, count]) => h("a", { class: "chip", href: link("jobs/failed", { name: n }) }, `${n} × ${count}`))),
         h("td", {}, when(g.last_failed_at)),
-        h("td", {}, h("a", { href: link("jobs/failed", { name, q: g.first_line }) }, "Show jobs")))));
+        h("td", {}, h("a", { href: link("jobs/failed", { name, q: g.first_line.slice(0, MAX_SEARCH) }) }, "Show jobs")))));
       if (!out.groups.length) body.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No failed jobs.")));
       foot.textContent = `Read the newest ${out.scanned} failed jobs` + (out.complete ? " (all of them)." : "; older ones are not counted.");
     },
