@@ -176,8 +176,8 @@ async def test_a_failed_job_found_opened_and_retried(
     await expect(page.locator("tbody tr[data-id]")).to_have_count(3)
 
     # The payload search goes to the server (q=); a server without it lists everything.
-    await page.get_by_label("Payload search").fill("needle")
-    await page.get_by_role("button", name="Search").click()
+    await page.get_by_label("Payload search", exact=True).fill("needle")
+    await page.get_by_role("button", name="Search", exact=True).click()
     await expect(page).to_have_url(re.compile(r"q=needle"))
     await expect(row(page, wanted)).to_be_visible()
     searched = (await live.api.get("/jobs/failed", params={"q": "needle"})).json()["items"]
@@ -186,7 +186,7 @@ async def test_a_failed_job_found_opened_and_retried(
     await shoot(page, tmp_path, "jobs-search")
 
     # The id search jumps to the job.
-    await page.get_by_label("Job id").fill(wanted)
+    await page.get_by_label("Job id", exact=True).fill(wanted)
     await page.get_by_role("button", name="Open job").click()
     await expect(page.locator("pre.exception")).to_have_text("CardDeclined: 51")
     await expect(page.locator("pre.payload")).to_have_text('{\n  "order": "A-1234-needle"\n}')
@@ -216,8 +216,8 @@ async def test_bulk_delete_selected_and_retry_all_matching(
     await expect(page.locator("tbody tr[data-id]")).to_have_count(3)
     assert [await live.state(j) for j in emails] == [None, None, "failed"]
 
-    await page.get_by_label("Name").fill("report")
-    await page.get_by_role("button", name="Search").click()
+    await page.get_by_label("Name", exact=True).fill("report")
+    await page.get_by_role("button", name="Search", exact=True).click()
     await expect(page.locator("tbody tr[data-id]")).to_have_count(2)
     await page.get_by_role("button", name="Retry all matching").click()
     await page.get_by_role("button", name="Confirm").click()
@@ -234,7 +234,7 @@ async def test_bulk_delete_selected_and_retry_all_matching(
 
 async def test_enqueue_from_the_form_by_keyboard(page: Page, live: Live, tmp_path: Path) -> None:
     await page.goto(f"{live.url}/ui#/enqueue")
-    await page.get_by_label("Name").fill("resize")
+    await page.get_by_label("Name", exact=True).fill("resize")
     await page.keyboard.press("Tab")
     await page.keyboard.type("photos/1.jpg")
     await page.keyboard.press("Tab")
@@ -261,7 +261,7 @@ async def test_a_token_is_asked_for_and_a_read_only_one_sees_no_actions(
     sent: list[Request] = []
     page.on("request", sent.append)
     await page.goto(f"{guarded.url}/ui")
-    token = page.get_by_label("Token")
+    token = page.get_by_label("Token", exact=True)
     await expect(token).to_be_visible()
     await shoot(page, tmp_path, "token-prompt")
 
