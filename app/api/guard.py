@@ -112,7 +112,7 @@ class Guard:
         if host is not None:
             name = host_name(host)
             if name not in self.hosts and name != server_name(scope):
-                return 403, FOREIGN_HOST.format(host=host.decode("latin-1"))
+                return 403, FOREIGN_HOST.format(host=host.decode("latin-1")[:100])
         if origin is not None and not _same_origin(scope, origin, host):
             return 403, CROSS_SITE
         return None
