@@ -259,7 +259,11 @@ async def test_a_token_is_asked_for_and_a_read_only_one_sees_no_actions(
 ) -> None:
     failed = await guarded.failed("send_email", "{}", "SMTP 550")
     sent: list[Request] = []
-    page.on("request", sent.append)
+
+    def record(request: Request) -> None:
+        sent.append(request)
+
+    page.on("request", record)
     await page.goto(f"{guarded.url}/ui")
     token = page.get_by_label("Token", exact=True)
     await expect(token).to_be_visible()

@@ -616,13 +616,14 @@ function jobView(main, parts) {
       if (job.succeeded_at) fields.push(field("Succeeded", when(job.succeeded_at)));
       if (job.failed_at) fields.push(field("Failed", when(job.failed_at)));
       const buttons = actions(job);
-      content.replaceChildren(
+      content.replaceChildren(...[
         h("dl", { class: "fields" }, fields),
         buttons.length ? h("div", { class: "actions", role: "group", "aria-label": "Actions" }, buttons) : "",
         job.state === "reserved" && can("admin") ? h("p", { class: "muted" }, "A worker holds this job: nothing to do until its lease ends.") : "",
         h("h3", {}, payload.json ? "Payload (JSON)" : "Payload"),
         h("pre", { class: "payload", tabindex: 0 }, payload.text),
-        job.exception !== undefined ? [h("h3", {}, "Exception"), h("pre", { class: "exception", tabindex: 0 }, job.exception)] : "");
+        job.exception !== undefined ? [h("h3", {}, "Exception"), h("pre", { class: "exception", tabindex: 0 }, job.exception)] : "",
+      ].flat());
     },
   };
 }
