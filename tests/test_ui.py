@@ -319,7 +319,6 @@ async def test_payload_exception_and_worker_id_render_as_text(
     await expect(page.locator("pre.exception")).to_have_text(XSS + "\nsecond line")
     await page.goto(f"{live.url}/ui#/job/{reserved['id']}")
     await expect(page.locator(".fields .worker")).to_have_text(XSS)
-    await expect(page.locator(".fields")).to_contain_text("Lease expires")
     await shoot(page, tmp_path, "xss-detail")
     await page.goto(f"{live.url}/ui#/jobs/reserved")
     await expect(page.locator("td.worker")).to_have_text(XSS)

@@ -434,11 +434,6 @@ class JobOut(BaseModel):
     reserved_at: Timestamp | None
     reserved_by: str | None
     state: Literal["available", "scheduled", "reserved"]
-    lease_expires_at: Timestamp | None = Field(
-        default=None,
-        description="While reserved, when the lease ends unless extended: given by "
-        "`GET /jobs/{job_id}` only (absent or null elsewhere).",
-    )
 
 
 class SucceededJobOut(BaseModel):

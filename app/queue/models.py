@@ -39,9 +39,6 @@ class Job:
     reserved_at: datetime | None
     reserved_by: str | None
     state: PendingState
-    # While reserved, when the lease ends: read only by a lookup of one job (GET /jobs/{id}),
-    # for dashboards; not part of the job's value.
-    lease_expires_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)

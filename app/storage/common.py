@@ -6,7 +6,6 @@ group-commit writer (`writer.py`) to the backend's own hand-written statements.
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -330,10 +329,7 @@ class SqlStorage:
         async with self._read() as conn:
             row = await _first(conn, select(jobs).where(jobs.c.id == job_id))
             if row is not None:
-                job = job_from([row[c] for c in JOB_COLUMNS.split(", ")], now)
-                if job.reserved_at is not None:
-                    return replace(job, lease_expires_at=row["lease_expires_at"])
-                return job
+                return job_from([row[c] for c in JOB_COLUMNS.split(", ")], now)
             row = await _first(conn, select(succeeded).where(succeeded.c.id == job_id))
             if row is not None:
                 return SucceededJob(*[row[c] for c in SUCCEEDED_COLUMNS.split(", ")])
