@@ -796,7 +796,9 @@ function onEvent(event) {
   } else if (event.type === "stats" && current && current.onStats) {
     try {
       current.onStats(JSON.parse(event.data));
-    } catch {
+    } finally {
+      // The rows per name too: a refresh right after a change may have read counts the
+      // server had cached for up to a second.
       scheduleRefresh();
     }
   }
