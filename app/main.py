@@ -13,6 +13,7 @@ from app.api import auth, bulk, errors, events, health, jobs, leases, observabil
 from app.api.auth import parse_tokens
 from app.api.body import with_documented_bodies
 from app.api.fastlane import FastLane
+from app.api.guard import Guard
 from app.api.limits import BodyLimit
 from app.api.metrics import Metrics
 from app.api.observe import Observe
@@ -20,9 +21,10 @@ from app.logs import ensure_logging
 from app.queue.clock import Clock, SystemClock
 from app.queue.notifier import Notifier
 from app.queue.service import Limits, QueueService, repeat
-from app.settings import Settings
+from app.settings import Settings, server_info
 from app.shutdown import on_stop_signal
 from app.storage import ensure_schema, open_storage
+from app.ui import mount as mount_dashboard
 
 ROUTERS = (
     bulk.router,
@@ -113,13 +115,20 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     )
     app.state.tokens = parse_tokens(settings.api_tokens, settings.api_tokens_file)
     app.state.metrics = metrics
+    app.state.server_info = server_info(settings)
     errors.install(app)
     app.add_middleware(FastLane)  # inside BodyLimit: the hot routes' bodies are bounded too
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    # Before any body is read: no web page can post a form or text body here, nor reach
+    # an open server from another origin or through a rebound DNS name.
+    app.add_middleware(
+        Guard, open_server=not app.state.tokens, allowed_hosts=settings.allowed_hosts
+    )
     # Outermost: times and tags every request, refused ones included.
     app.add_middleware(Observe, metrics=metrics, access_log=settings.access_log)
     for router in ROUTERS:
         app.include_router(router)
+    mount_dashboard(app)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:

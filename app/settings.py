@@ -1,5 +1,6 @@
 """Every setting in one place, read from `BGJOBS_*` environment variables."""
 
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
@@ -53,6 +54,9 @@ class Settings(BaseSettings):
     prune_interval_s: float = Field(default=60, gt=0)
     api_tokens: str = Field(default="", repr=False)  # never shown in logs or reprs
     api_tokens_file: Path | None = None
+    # Host names an open server (no tokens) also answers for, comma-separated, besides its
+    # own address and the loopback names: any other Host is refused (DNS rebinding).
+    allowed_hosts: str = ""
     auto_migrate: bool = True
     shutdown_grace_s: int = Field(default=10, ge=1, le=600)
     db_pool_size: int = Field(default=10, ge=1, le=500)
@@ -68,3 +72,13 @@ class Settings(BaseSettings):
     @classmethod
     def _normalize(cls, url: str) -> str:
         return normalize_database_url(url)
+
+
+def server_info(settings: Settings) -> dict[str, str]:
+    """This server's version and database backend, for dashboards (`GET /stats`)."""
+    try:
+        installed = version("bgjobs-server")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        installed = "unknown"
+    backend = "sqlite" if settings.database_url.startswith("sqlite") else "postgresql"
+    return {"version": installed, "backend": backend}

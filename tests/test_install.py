@@ -56,3 +56,6 @@ def test_the_server_install_adds_its_commands(tmp_path: Path) -> None:
     assert migrated.returncode == 0 and "database schema is at revision" in migrated.stdout
     imported = run(bin_dir, str(bin_dir / "python"), "-c", "import bgjobs_client, app.main")
     assert imported.returncode == 0, imported.stderr
+    dashboard = "from app.ui import load_assets; print(sorted(load_assets()))"
+    shipped = run(bin_dir, str(bin_dir / "python"), "-c", dashboard)  # package data, not the tree
+    assert shipped.stdout.strip() == "['app.css', 'app.js', 'index.html']", shipped.stderr

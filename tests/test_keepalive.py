@@ -13,7 +13,7 @@ async def test_an_idle_connection_stays_open_past_common_pool_lifetimes(
     server_process: Any, db_url: str
 ) -> None:
     request = (
-        b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b'Content-Length: 30\r\n\r\n{"name": "a", "payload": "xx"}'
     )
     with server_process(database_url=db_url) as server:

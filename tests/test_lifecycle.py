@@ -18,7 +18,7 @@ async def test_jobs_reserved_for_a_client_that_left_are_given_back(
         _, writer = await asyncio.open_connection("127.0.0.1", server.port)
         body = b'{"worker_id": "gone", "names": ["a"], "wait_ms": 10000}'
         writer.write(
-            b"POST /leases HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /leases HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )

@@ -67,7 +67,7 @@ async def test_declared_length_over_the_limit_is_refused_before_the_body_is_read
     with server_process(database_url=db_url, env={"BGJOBS_MAX_REQUEST_BYTES": "4096"}) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(
-            b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000000\r\n\r\n"
         )
         await writer.drain()

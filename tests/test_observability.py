@@ -177,7 +177,9 @@ async def test_stats_counts_ages_and_recent_finishes(server_process: Server, db_
             for s in ("0m", "1441m", "60", "abc", "-5m", "1.5m")
         ]
 
-    assert set(stats) == {"totals", "names"}
+    assert set(stats) == {"server", "totals", "names"}
+    assert stats["server"]["backend"] == ("sqlite" if "sqlite" in db_url else "postgresql")
+    assert stats["server"]["version"]
     assert [n["name"] for n in stats["names"]] == ["email", "report"]
     email, report = stats["names"]
     assert email["counts"] == {

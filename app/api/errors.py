@@ -38,11 +38,13 @@ STATUS: dict[type[QueueError], int] = {
 
 _DESCRIPTIONS = {
     401: "No API token, or an unknown one (only when the server has tokens configured).",
-    403: "The API token lacks the scope this operation needs.",
+    403: "The API token lacks the scope this operation needs; or, on a server without API "
+    "tokens, the request came from another site (`Origin`) or names another host (`Host`).",
     404: "Unknown job or lease.",
     409: "The job's current state forbids this, or the job an Idempotency-Key names is gone "
     "(details in `detail`, the reason in `code`).",
     413: "The payload or the request body is over the configured size limit.",
+    415: "The request has a body whose `Content-Type` is not JSON (`application/json`).",
     422: "Invalid input: malformed JSON, a wrong type, an out-of-range value or an unknown field.",
     503: "The database is unavailable, or too many long polls are open; retry after "
     "`Retry-After` seconds.",
@@ -52,7 +54,7 @@ _DESCRIPTIONS = {
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route can answer, so clients know them."""
     out: dict[int | str, dict[str, Any]] = {}
-    for status in (*statuses, 401, 403, 422, 503):
+    for status in (*statuses, 401, 403, 415, 422, 503):
         model = {422: ValidationErrorOut, 409: ConflictOut}.get(status, ErrorOut)
         out[status] = {"model": model, "description": _DESCRIPTIONS[status]}
     return out

@@ -83,6 +83,7 @@ def series_minutes(series: str | None) -> int | None:
     responses=responses(),
 )
 async def get_stats(
+    request: Request,
     service: Service,
     name: NameFilter = None,
     series: Annotated[
@@ -102,6 +103,7 @@ async def get_stats(
     cheap at any backlog."""
     stats = await service.stats(name, series_minutes(series))
     body: dict[str, Any] = {
+        "server": request.app.state.server_info,
         "totals": _name_stats(stats.totals),
         "names": [{"name": n.name, **_name_stats(n)} for n in stats.names],
     }

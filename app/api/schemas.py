@@ -858,9 +858,15 @@ class MinuteOut(BaseModel):
     failed: int = Field(examples=[1])
 
 
+class ServerOut(BaseModel):
+    version: str = Field(description="The bgjobs-server package version.", examples=["0.1.0"])
+    backend: Literal["sqlite", "postgresql"] = Field(description="The database behind it.")
+
+
 class StatsOut(BaseModel):
     """Counts for dashboards and `bgjobs stats`."""
 
+    server: ServerOut = Field(description="What answered: for the top of a dashboard.")
     totals: TotalsOut
     names: list[NameStatsOut] = Field(description="One entry per job name, sorted by name.")
     series: list[MinuteOut] | None = Field(
