@@ -59,8 +59,12 @@ def browser_type_launch_args() -> dict[str, Any]:
 class Live:
     """A running server and an API client for it."""
 
-    url: str
+    server: ServerProcess
     api: httpx.AsyncClient
+
+    @property
+    def url(self) -> str:
+        return self.server.url
 
     async def enqueue(self, name: str, payload: str = "{}", **fields: Any) -> dict[str, Any]:
         response = await self.api.post("/jobs", json={"name": name, "payload": payload, **fields})
@@ -102,7 +106,7 @@ async def live_server(
     with server_process(database_url=db_url, env=env) as server:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30) as api:
-            yield Live(server.url, api)
+            yield Live(server, api)
 
 
 @pytest.fixture
@@ -164,6 +168,36 @@ async def test_overview_counts_change_live(
     await expect(cell(page, "send_email", "available")).to_have_text("3")
     assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     await shoot(page, tmp_path, "overview-phone")
+
+
+async def test_pause_resume_and_a_lost_server_are_caught_up(page: Page, live: Live) -> None:
+    """Paused, the page stops listening; resumed, it reloads. When the server goes away and
+    comes back (a new process that knows none of the old event ids), the page reconnects
+    by itself and shows what happened meanwhile. With /events it listens to the stream,
+    without it polls /stats."""
+    streaming = "/events" in (await live.api.get("/openapi.json")).json()["paths"]
+    status = page.locator("#live-status")
+    await page.goto(f"{live.url}/ui")
+    await expect(status).to_have_text(
+        re.compile(r"^live( ·|$)" if streaming else r"^live \(polling")
+    )
+    toggle = page.get_by_role("button", name="Pause live updates")
+    await toggle.click()
+    await expect(toggle).to_have_attribute("aria-pressed", "true")
+    await expect(status).to_have_text("paused")
+    await live.enqueue("send_email")
+    await toggle.click()
+    await expect(toggle).to_have_attribute("aria-pressed", "false")
+    await expect(cell(page, "send_email", "available")).to_have_text("1")
+
+    live.server.stop()
+    await expect(status).not_to_have_text(re.compile(r"^live"))  # it noticed
+    live.server.start()  # the same port and database
+    await live.enqueue("send_email")
+    await expect(cell(page, "send_email", "available")).to_have_text("2")
+    await expect(status).to_have_text(
+        re.compile(r"^live( ·|$)" if streaming else r"^live \(polling")
+    )
 
 
 async def test_a_failed_job_found_opened_and_retried(
