@@ -291,12 +291,12 @@ class EnqueueBatchRequest(StrictBody):
     )
 
 
-def _distinct(ids: list[str], field: str) -> list[str]:
+def _distinct(ids: list[str], field: str, what: str = "lease id") -> list[str]:
     seen: set[str] = set()
-    for lease_id in ids:
-        if lease_id in seen:
-            raise ValueError(f"lease id {lease_id!r} is repeated: each may appear once in {field}")
-        seen.add(lease_id)
+    for some_id in ids:
+        if some_id in seen:
+            raise ValueError(f"{what} {some_id!r} is repeated: each may appear once in {field}")
+        seen.add(some_id)
     return ids
 
 
@@ -701,19 +701,13 @@ def _ids_xor_filter(ids: object, filter_: object) -> None:
         raise ValueError('send either "ids" or "filter", not both and not neither')
 
 
-def _distinct_ids(ids: list[str] | None) -> list[str] | None:
-    if ids is not None and len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        for job_id in ids:
-            if job_id in seen:
-                raise ValueError(f"job id {job_id!r} is repeated: each may appear once in ids")
-            seen.add(job_id)
-    return ids
+def _distinct_job_ids(ids: list[str]) -> list[str]:
+    return _distinct(ids, "ids", "job id")
 
 
 BulkIds = Annotated[
     list[JobIdIn],
-    AfterValidator(_distinct_ids),
+    AfterValidator(_distinct_job_ids),
     Field(min_length=1, max_length=1000, json_schema_extra={"uniqueItems": True}),
 ]
 IDS_DESCRIPTION = "1 to 1,000 distinct job ids: one result each."
