@@ -14,7 +14,6 @@ from app.api.auth import parse_tokens
 from app.api.body import with_documented_bodies
 from app.api.fastlane import FastLane
 from app.api.guard import Guard
-from app.api.limits import BodyLimit
 from app.api.metrics import Metrics
 from app.api.observe import Observe
 from app.logs import ensure_logging
@@ -117,12 +116,14 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.state.metrics = metrics
     app.state.server_info = server_info(settings)
     errors.install(app)
-    app.add_middleware(FastLane)  # inside BodyLimit: the hot routes' bodies are bounded too
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    # Before any body is read: no web page can post a form or text body here, nor reach
-    # an open server from another origin or through a rebound DNS name.
+    app.add_middleware(FastLane)  # inside Guard: the hot routes' bodies are bounded too
+    # Before any body is read: no body over the size limit, no web page posting a form or
+    # text body, nor reaching an open server from another origin or a rebound DNS name.
     app.add_middleware(
-        Guard, open_server=not app.state.tokens, allowed_hosts=settings.allowed_hosts
+        Guard,
+        max_bytes=settings.max_request_bytes,
+        open_server=not app.state.tokens,
+        allowed_hosts=settings.allowed_hosts,
     )
     # Outermost: times and tags every request, refused ones included.
     app.add_middleware(Observe, metrics=metrics, access_log=settings.access_log)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.api import render
-from app.api.limits import BodyTooLarge
+from app.api.guard import BodyTooLarge
 from app.api.schemas import ConflictOut, ErrorOut, ValidationErrorOut
 from app.queue.errors import (
     Conflict,
