@@ -125,11 +125,11 @@ RELEASE = (
     "lease_expires_at = NULL, attempts = attempts - 1 "
     f"WHERE id = ? AND lease_id = ? AND reserved_at IS NOT NULL RETURNING {JOB_COLUMNS}"
 )
-CANCEL_PENDING = "DELETE FROM jobs WHERE id = ? AND reserved_at IS NULL"
+CANCEL_PENDING = "DELETE FROM jobs WHERE id = ? AND reserved_at IS NULL RETURNING name"
 IS_PENDING = "SELECT 1 FROM jobs WHERE id = ?"
 DELETE_FINISHED = {
-    "succeeded": "DELETE FROM succeeded_jobs WHERE id = ?",
-    "failed": "DELETE FROM failed_jobs WHERE id = ?",
+    "succeeded": "DELETE FROM succeeded_jobs WHERE id = ? RETURNING name",
+    "failed": "DELETE FROM failed_jobs WHERE id = ? RETURNING name",
 }
 TAKE_FAILED = (
     "DELETE FROM failed_jobs WHERE id = ? "
@@ -139,6 +139,12 @@ KEY_TABLES = {False: "idempotency_keys", True: "batch_idempotency_keys"}
 COUNT_FINISHED = (
     "INSERT INTO finished_per_minute (name, minute, shard, succeeded, failed) "
     "VALUES (?, ?, 0, ?, ?) ON CONFLICT (name, minute, shard) DO UPDATE SET "
+    "succeeded = succeeded + excluded.succeeded, failed = failed + excluded.failed"
+)
+ADD_COUNTS = (
+    "INSERT INTO job_counts (name, shard, pending, reserved, succeeded, failed) "
+    "VALUES (?, 0, ?, ?, ?, ?) ON CONFLICT (name, shard) DO UPDATE SET "
+    "pending = pending + excluded.pending, reserved = reserved + excluded.reserved, "
     "succeeded = succeeded + excluded.succeeded, failed = failed + excluded.failed"
 )
 
@@ -174,10 +180,55 @@ def reserve_sql(name_count: int) -> str:
     )
 
 
+# -- the kept counts ------------------------------------------------------------------------
+
+# The states counted in `job_counts`, as indexes into a name's four deltas.
+PENDING, RESERVED, SUCCEEDED, FAILED = range(4)
+TABLE_STATE = {"jobs": PENDING, "succeeded_jobs": SUCCEEDED, "failed_jobs": FAILED}
+
+
+class Tally:
+    """A group's moves between counted states, per job name, written as one upsert per
+    name just before the group commits.
+
+    On PostgreSQL statement triggers keep `job_counts` (every replica's writes count); on
+    SQLite, where the writer is the only writer, a trigger per row cost a third of the
+    batched cycle, so the handlers say what each row did instead (migration 0005 dropped
+    the triggers). Every handler that adds, moves or removes a job row tallies it."""
+
+    __slots__ = ("deltas",)
+
+    def __init__(self) -> None:
+        self.deltas: dict[str, list[int]] = {}
+
+    def move(self, name: str, source: int | None, target: int | None) -> None:
+        """One job of `name` left `source` (None: it is new) for `target` (None: gone)."""
+        deltas = self.deltas.get(name)
+        if deltas is None:
+            deltas = self.deltas[name] = [0, 0, 0, 0]
+        if source is not None:
+            deltas[source] -= 1
+        if target is not None:
+            deltas[target] += 1
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        changed = [(name, *d) for name, d in self.deltas.items() if any(d)]
+        if changed:
+            conn.executemany(ADD_COUNTS, changed)
+
+
+def held(reserved_at: object) -> int:
+    """A job row's counted state: reserved while it has `reserved_at`, else pending (a
+    lease that expired and was requeued can still be acked, from pending)."""
+    return PENDING if reserved_at is None else RESERVED
+
+
 # -- one handler per kind of write: a run of items in, one result per item out -----------
 
 
-def _insert_jobs(conn: sqlite3.Connection, jobs: list[NewJob]) -> None:
+def _insert_jobs(conn: sqlite3.Connection, jobs: list[NewJob], tally: Tally) -> None:
+    for job in jobs:
+        tally.move(job.name, None, PENDING)
     conn.executemany(
         INSERT_JOB,
         [
@@ -187,17 +238,19 @@ def _insert_jobs(conn: sqlite3.Connection, jobs: list[NewJob]) -> None:
     )
 
 
-def enqueue(conn: sqlite3.Connection, items: list[tuple[NewJob, datetime]]) -> list[Job]:
-    _insert_jobs(conn, [job for job, _ in items])
+def enqueue(
+    conn: sqlite3.Connection, items: list[tuple[NewJob, datetime]], tally: Tally
+) -> list[Job]:
+    _insert_jobs(conn, [job for job, _ in items], tally)
     return [new_job(job, now) for job, now in items]
 
 
 def enqueue_many(
-    conn: sqlite3.Connection, items: list[tuple[list[NewJob], datetime]]
+    conn: sqlite3.Connection, items: list[tuple[list[NewJob], datetime]], tally: Tally
 ) -> list[list[Job]]:
     results = []
     for jobs, now in items:
-        _insert_jobs(conn, jobs)
+        _insert_jobs(conn, jobs, tally)
         results.append([new_job(job, now) for job in jobs])
     return results
 
@@ -234,13 +287,13 @@ def _claim(
 
 
 def enqueue_once(
-    conn: sqlite3.Connection, items: list[tuple[NewJob, datetime, IdempotencyKey]]
+    conn: sqlite3.Connection, items: list[tuple[NewJob, datetime, IdempotencyKey]], tally: Tally
 ) -> list[Enqueued]:
     results = []
     for job, now, key in items:
         used = _claim(conn, key, now, job.id, batch=False)
         if used is None:
-            _insert_jobs(conn, [job])
+            _insert_jobs(conn, [job], tally)
             results.append(Enqueued(new_job(job, now), created=True))
         else:
             same = used[0] == key.fingerprint
@@ -249,13 +302,15 @@ def enqueue_once(
 
 
 def enqueue_many_once(
-    conn: sqlite3.Connection, items: list[tuple[list[NewJob], datetime, IdempotencyKey]]
+    conn: sqlite3.Connection,
+    items: list[tuple[list[NewJob], datetime, IdempotencyKey]],
+    tally: Tally,
 ) -> list[EnqueuedBatch]:
     results = []
     for jobs, now, key in items:
         used = _claim(conn, key, now, ",".join(job.id for job in jobs), batch=True)
         if used is None:
-            _insert_jobs(conn, jobs)
+            _insert_jobs(conn, jobs, tally)
             created = [new_job(job, now) for job in jobs]
             results.append(EnqueuedBatch([job.id for job in jobs], list(created), created=True))
         else:
@@ -266,7 +321,9 @@ def enqueue_many_once(
     return results
 
 
-def reserve(conn: sqlite3.Connection, items: list[tuple[Any, ...]]) -> list[list[Lease]]:
+def reserve(
+    conn: sqlite3.Connection, items: list[tuple[Any, ...]], tally: Tally
+) -> list[list[Lease]]:
     results = []
     for names, worker_id, max_jobs, now, expires_at, max_bytes in items:
         params: dict[str, Any] = {f"n{i}": name for i, name in enumerate(names)}
@@ -278,12 +335,14 @@ def reserve(conn: sqlite3.Connection, items: list[tuple[Any, ...]]) -> list[list
             expires=ts(expires_at),
         )
         rows = conn.execute(reserve_sql(len(names)), params).fetchall()
+        for row in rows:
+            tally.move(row[1], PENDING, RESERVED)
         results.append(leases_from([_times(row, 5, 6, 7) for row in rows], expires_at))
     return results
 
 
 def ack(
-    conn: sqlite3.Connection, items: list[tuple[str, str, datetime]]
+    conn: sqlite3.Connection, items: list[tuple[str, str, datetime]], tally: Tally
 ) -> list[SucceededJob | None]:
     results: list[SucceededJob | None] = []
     inserts = []
@@ -293,6 +352,7 @@ def ack(
             results.append(None)
             continue
         job_id, name, payload, attempts, lease_seq, created_at, available_at, leased = row
+        tally.move(name, held(leased), SUCCEEDED)
         inserts.append(
             (job_id, name, payload, attempts, lease_seq, created_at, available_at, ts(now))
         )
@@ -318,7 +378,9 @@ def _count_finished(
     )
 
 
-def fail(conn: sqlite3.Connection, items: list[tuple[Any, ...]]) -> list[FailOutcome | None]:
+def fail(
+    conn: sqlite3.Connection, items: list[tuple[Any, ...]], tally: Tally
+) -> list[FailOutcome | None]:
     results: list[FailOutcome | None] = []
     buried: list[tuple[str, datetime]] = []
     for job_id, lease_id, now, exception, decide, expired_before in items:
@@ -334,10 +396,12 @@ def fail(conn: sqlite3.Connection, items: list[tuple[Any, ...]]) -> list[FailOut
         retry_at = decide(attempts, max_retries)
         if retry_at is not None:
             conn.execute(REQUEUE, (ts(retry_at), job_id))
+            tally.move(name, held(leased), PENDING)
             job = [job_id, name, payload, attempts, max_retries, dt(created), retry_at, None, None]
             results.append(Retrying(job_from(job, now), leased_at))
             continue
         conn.execute(DELETE_JOB, (job_id,))
+        tally.move(name, held(leased), FAILED)
         values = (job_id, name, payload, attempts, max_retries, lease_seq, exception)
         conn.execute(INSERT_FAILED, (*values, created, available, ts(now)))
         buried.append((name, now))
@@ -353,37 +417,52 @@ def fail(conn: sqlite3.Connection, items: list[tuple[Any, ...]]) -> list[FailOut
     return results
 
 
-def extend(conn: sqlite3.Connection, items: list[tuple[str, str, datetime]]) -> list[bool]:
+def extend(
+    conn: sqlite3.Connection, items: list[tuple[str, str, datetime]], _tally: Tally
+) -> list[bool]:
     return [
         conn.execute(EXTEND, (ts(expires_at), job_id, lease_id)).rowcount == 1
         for job_id, lease_id, expires_at in items
     ]
 
 
-def release(conn: sqlite3.Connection, items: list[tuple[str, str, datetime]]) -> list[Job | None]:
+def release(
+    conn: sqlite3.Connection, items: list[tuple[str, str, datetime]], tally: Tally
+) -> list[Job | None]:
     results: list[Job | None] = []
     for job_id, lease_id, now in items:
         row = conn.execute(RELEASE, (job_id, lease_id)).fetchone()
+        if row is not None:
+            tally.move(row[1], RESERVED, PENDING)
         results.append(None if row is None else job_from(_times(row, 5, 6, 7), now))
     return results
 
 
-def cancel(conn: sqlite3.Connection, items: list[tuple[str, DeleteScope]]) -> list[CancelResult]:
+def cancel(
+    conn: sqlite3.Connection, items: list[tuple[str, DeleteScope]], tally: Tally
+) -> list[CancelResult]:
     def one(job_id: str, scope: DeleteScope) -> CancelResult:
         if scope in ("any", "pending"):
-            if conn.execute(CANCEL_PENDING, (job_id,)).rowcount:
+            row = conn.execute(CANCEL_PENDING, (job_id,)).fetchone()
+            if row is not None:
+                tally.move(row[0], PENDING, None)
                 return "deleted"
             if conn.execute(IS_PENDING, (job_id,)).fetchone() is not None:
                 return "reserved"
         for table, sql in DELETE_FINISHED.items():
-            if scope in ("any", table) and conn.execute(sql, (job_id,)).rowcount:
-                return "deleted"
+            if scope in ("any", table):
+                row = conn.execute(sql, (job_id,)).fetchone()
+                if row is not None:
+                    tally.move(row[0], SUCCEEDED if table == "succeeded" else FAILED, None)
+                    return "deleted"
         return "missing"
 
     return [one(job_id, scope) for job_id, scope in items]
 
 
-def retry_failed(conn: sqlite3.Connection, items: list[tuple[str, datetime]]) -> list[Job | None]:
+def retry_failed(
+    conn: sqlite3.Connection, items: list[tuple[str, datetime]], tally: Tally
+) -> list[Job | None]:
     results: list[Job | None] = []
     for job_id, now in items:
         row = conn.execute(TAKE_FAILED, (job_id,)).fetchone()
@@ -391,6 +470,7 @@ def retry_failed(conn: sqlite3.Connection, items: list[tuple[str, datetime]]) ->
             results.append(None)
             continue
         job_id, name, payload, max_retries, created_at, lease_seq = row
+        tally.move(name, FAILED, PENDING)
         values = (job_id, name, payload, 0, max_retries, created_at, ts(now), lease_seq)
         conn.execute(INSERT_JOB, values)
         results.append(
@@ -399,7 +479,9 @@ def retry_failed(conn: sqlite3.Connection, items: list[tuple[str, datetime]]) ->
     return results
 
 
-def prune(conn: sqlite3.Connection, items: list[tuple[str, datetime, int]]) -> list[int]:
+def prune(
+    conn: sqlite3.Connection, items: list[tuple[str, datetime, int]], tally: Tally
+) -> list[int]:
     results = []
     for kind, before, limit in items:
         table, key, stamp = PRUNED[kind]
@@ -407,11 +489,18 @@ def prune(conn: sqlite3.Connection, items: list[tuple[str, datetime, int]]) -> l
             f"DELETE FROM {table} WHERE {key} IN "
             f"(SELECT {key} FROM {table} WHERE {stamp} < ? ORDER BY {stamp} LIMIT ?)"
         )
-        results.append(conn.execute(sql, (ts(before), limit)).rowcount)
+        state = TABLE_STATE.get(table)
+        if state is None:
+            results.append(conn.execute(sql, (ts(before), limit)).rowcount)
+            continue
+        names = conn.execute(sql + " RETURNING name", (ts(before), limit)).fetchall()
+        for (name,) in names:
+            tally.move(name, state, None)
+        results.append(len(names))
     return results
 
 
-def probe(conn: sqlite3.Connection, items: list[None]) -> list[None]:
+def probe(conn: sqlite3.Connection, items: list[None], _tally: Tally) -> list[None]:
     conn.execute("PRAGMA user_version = 0")  # rewrites the header page: a real write
     return [None for _ in items]
 
@@ -421,7 +510,7 @@ VOLATILE = frozenset({"reserve", "extend", "release", "probe"})
 # Kinds that may take long (a batch of hundreds of deletes): never run on the loop.
 OFF_LOOP = frozenset({"prune"})
 
-HANDLERS: dict[str, Callable[[sqlite3.Connection, list[Any]], list[Any]]] = {
+HANDLERS: dict[str, Callable[[sqlite3.Connection, list[Any], Tally], list[Any]]] = {
     "enqueue": enqueue,
     "enqueue_many": enqueue_many,
     "enqueue_once": enqueue_once,
@@ -532,8 +621,10 @@ class SqliteStorage(SqlStorage):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 results: list[Any] = []
+                tally = Tally()
                 for kind, run in runs(group):
-                    results.extend(HANDLERS[kind](conn, [op.arg for op in run]))
+                    results.extend(HANDLERS[kind](conn, [op.arg for op in run], tally))
+                tally.write(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
