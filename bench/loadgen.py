@@ -149,14 +149,30 @@ async def cycle(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def pickup(args: argparse.Namespace) -> dict[str, Any]:
-    tally, latencies, enqueues = Tally(), [], []
+    """Each sample: a long poll parks, `settle_ms` pass, a job is enqueued; the time from
+    sending the enqueue to the lease arriving. With `--yardstick URL`, each sample is
+    followed by the same pause and one POST /jobs to that (minimal) app: the round trip
+    any server has after an idle pause on this machine, measured alongside."""
+    tally, latencies, enqueues, yardstick = Tally(), [], [], []
     lease = lease_body("bench-pickup", args.name, 1, 10_000)
     enqueue = job_body(args.name)
-    async with session(args.url, 2) as worker, session(args.url, 2) as producer:
+    async with (
+        session(args.url, 2) as worker,
+        session(args.url, 2) as producer,
+        session(args.yardstick or args.url, 1) as minimal,
+    ):
 
         async def wait_lease() -> tuple[float, int, Any]:
             status, answer = await post(worker, "/leases", lease)
             return time.perf_counter(), status, answer
+
+        async def idle_round_trip() -> float:
+            await asyncio.sleep(args.settle_ms / 1000)
+            sent = time.perf_counter()
+            status, answer = await post(minimal, "/jobs", enqueue)
+            if status not in (200, 201):
+                tally.error(f"yardstick POST /jobs: {status} {answer}")
+            return (time.perf_counter() - sent) * 1000
 
         cpu, start = cpu_now(), time.perf_counter()
         for sample in range(args.warmup + args.samples):
@@ -179,12 +195,16 @@ async def pickup(args: argparse.Namespace) -> dict[str, Any]:
             ack_status, _ = await post(worker, f"/leases/{answer['leases'][0]['id']}/ack", None)
             if ack_status != 200:
                 tally.error(f"ack after pickup: {ack_status}")
+            measured = await idle_round_trip() if args.yardstick else None
             if sample >= args.warmup:
                 latencies.append((arrived - sent) * 1000)
                 enqueues.append((enqueued - sent) * 1000)
+                if measured is not None:
+                    yardstick.append(measured)
     return {
         "latencies_ms": latencies,
         "enqueue_ms": enqueues,
+        "yardstick_ms": yardstick,
         "seconds": time.perf_counter() - start,
         "cpu": cpu_now() - cpu,
         **result_of(tally),
@@ -366,6 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             sub.add_argument("--samples", type=int, default=100)
             sub.add_argument("--warmup", type=int, default=5)
             sub.add_argument("--settle-ms", type=float, default=20)
+            sub.add_argument("--yardstick", help="a minimal app's URL, timed after the same pause")
         elif mode == "idle":
             sub.add_argument("--polls", type=int, default=1000)
             sub.add_argument("--wait-ms", type=int, default=60_000)

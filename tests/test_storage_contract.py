@@ -1454,3 +1454,87 @@ async def test_writes_counts_committed_writes_by_kind(storage: Storage) -> None:
     await storage.lease_position(job.id)
     await storage.expired_leases(at(1), 10)
     assert storage.writes == snapshot
+
+
+async def _truth(storage: Storage, now: datetime) -> dict[str, dict[str, int]]:
+    """Jobs per name and state, by listing every row."""
+    truth: dict[str, Counter[str]] = {}
+    for job in await storage.list_pending(pending(limit=1000), now):
+        truth.setdefault(job.name, Counter())[job.state] += 1
+    for kind, rows in (
+        ("succeeded", await storage.list_succeeded(history(limit=1000))),
+        ("failed", await storage.list_failed(history(limit=1000))),
+    ):
+        for row in rows:
+            truth.setdefault(row.name, Counter())[kind] += 1
+    states = ("available", "scheduled", "reserved", "succeeded", "failed")
+    return {name: {s: counts[s] for s in states} for name, counts in truth.items()}
+
+
+async def _kept(storage: Storage, now: datetime) -> dict[str, dict[str, int]]:
+    """What `job_counts` says, for the names that have any job."""
+    states = ("available", "scheduled", "reserved", "succeeded", "failed")
+    kept = {c.name: {s: getattr(c, s) for s in states} for c in await storage.job_counts(now)}
+    return {name: counts for name, counts in kept.items() if any(counts.values())}
+
+
+async def test_kept_counts_follow_every_kind_of_write(storage: Storage) -> None:
+    """Every write that adds, moves or removes a job moves the kept counts with it: single
+    and batch enqueues (with and without keys, replays included), reserve, ack, fail
+    (retry, bury, expiry), release, extend, cancel and delete by scope, retry of failed
+    jobs and history pruning."""
+    key = IdempotencyKey("k1", "fp", at(-3600))
+    batch_key = IdempotencyKey("b1", "fp", at(-3600))
+    for name in ("alpha", "beta"):
+        for _ in range(6):
+            await put(storage, new_job(name))
+    await storage.enqueue_many([new_job("alpha") for _ in range(4)], T0)
+    await storage.enqueue(new_job("beta", available_at=at(3600)), T0)  # scheduled
+    for _ in range(2):  # the second is a replay: nothing new
+        await storage.enqueue_once(new_job("alpha", job_id="keyed"), T0, key)
+        await storage.enqueue_many_once([new_job("beta", job_id="batched")], T0, batch_key)
+    a = iter(await reserve(storage, ["alpha"], max_jobs=8, now=at(1)))
+    b = iter(await reserve(storage, ["beta"], max_jobs=6, now=at(1)))
+    for lease in (next(a), next(a), next(b)):
+        assert await storage.ack(lease.job.id, lease.id, at(2)) is not None
+    ack_many = [next(a), next(b)]
+    await storage.ack_many([(x.job.id, x.id) for x in ack_many], at(2))
+    buried = [next(a), next(b), next(b)]
+    for lease in buried:
+        assert isinstance(await storage.fail(lease.job.id, lease.id, at(2), "x", give_up()), Buried)
+    retrying = next(a)
+    outcome = await storage.fail(retrying.job.id, retrying.id, at(2), "x", retry_at(at(60)))
+    assert isinstance(outcome, Retrying)
+    released = next(b)
+    assert await storage.release(released.job.id, released.id, at(2)) is not None
+    extended = next(a)
+    assert await storage.extend(extended.job.id, extended.id, at(300))
+    expiring = next(a)  # its lease (30 s) runs out: the reaper fails it into a retry
+    reaped = await storage.fail(
+        expiring.job.id, expiring.id, at(40), "expired", retry_at(at(41)), at(40)
+    )
+    assert isinstance(reaped, Retrying)
+    late = next(b)  # its lease ran out at 31 s, but nothing reaped it: a late ack lands
+    assert await storage.ack(late.job.id, late.id, at(45)) is not None
+    assert await _kept(storage, at(50)) == await _truth(storage, at(50))
+
+    await storage.retry_failed(buried[0].job.id, at(50))
+    await storage.retry_failed_many([buried[1].job.id, "unknown"], at(50))
+    ready = await storage.list_pending(pending(state="available"), at(50))
+    held = next(a)
+    results = await storage.delete_many(
+        [
+            (ready[0].id, "pending"),
+            (held.job.id, "any"),  # reserved: not deleted
+            (ack_many[0].job.id, "succeeded"),
+            (buried[2].job.id, "failed"),
+            (ready[1].id, "succeeded"),  # wrong scope: missing
+        ],
+    )
+    assert results == ["deleted", "reserved", "deleted", "deleted", "missing"]
+    assert await storage.cancel(ready[2].id) == "deleted"
+    assert await _kept(storage, at(51)) == await _truth(storage, at(51))
+
+    assert await storage.prune("succeeded", at(3), 2) == 2
+    assert await storage.prune("failed", at(3), 100) == 0  # every failed job is gone or retried
+    assert await _kept(storage, at(52)) == await _truth(storage, at(52))
