@@ -1538,3 +1538,57 @@ async def test_kept_counts_follow_every_kind_of_write(storage: Storage) -> None:
     assert await storage.prune("succeeded", at(3), 2) == 2
     assert await storage.prune("failed", at(3), 100) == 0  # every failed job is gone or retried
     assert await _kept(storage, at(52)) == await _truth(storage, at(52))
+
+
+async def _scheduled(storage: Storage, name: str, now: datetime) -> tuple[int, int]:
+    """(what `job_counts` says, the truth from listing) of `name`'s scheduled jobs."""
+    kept = {c.name: c.scheduled for c in await storage.job_counts(now)}.get(name, 0)
+    listed = await storage.list_pending(pending(state="scheduled", name=name, limit=1000), now)
+    return kept, len(listed)
+
+
+async def test_scheduled_counts_follow_jobs_into_and_out_of_their_due_minutes(
+    storage: Storage,
+) -> None:
+    """Scheduled jobs are counted from `due_counts` beyond the next few minutes and along
+    the ready index before them; both agree with the jobs themselves as jobs are
+    enqueued, cancelled, come due and are leased, fail into a later retry, are released
+    and pruned, with the database's own clock and a test clock years ahead of it."""
+    real = datetime.now(UTC)
+    offsets = (-90, 20, 70, 150, 600, 3600, 3600, 86_400)  # seconds from the real now
+    jobs = [new_job("soon", available_at=real + timedelta(seconds=s)) for s in offsets]
+    await storage.enqueue_many(jobs, real)
+    assert await _scheduled(storage, "soon", real) == (7, 7)
+    for later in (100, 700, 4000, 90_000):  # time passes: jobs come due
+        moment = real + timedelta(seconds=later)
+        kept, listed = await _scheduled(storage, "soon", moment)
+        assert kept == listed, later
+    assert await storage.cancel(jobs[5].id) == "deleted"  # due in an hour
+    assert await _scheduled(storage, "soon", real) == (6, 6)
+
+    # A test clock years ahead (every due minute is ahead of the database's clock).
+    spread = [new_job("ahead", available_at=at(60 * m)) for m in range(0, 30)]
+    await storage.enqueue_many(spread, T0)
+    assert await _scheduled(storage, "ahead", T0) == (29, 29)
+    leases = await reserve(storage, ["ahead"], max_jobs=5, now=at(60 * 4 + 1))
+    assert len(leases) == 5
+    assert await _scheduled(storage, "ahead", at(60 * 4 + 1)) == (25, 25)
+    retried = await storage.fail(
+        leases[0].job.id, leases[0].id, at(250), "x", retry_at(at(60 * 45))
+    )
+    assert isinstance(retried, Retrying)
+    assert await storage.release(leases[1].job.id, leases[1].id, at(250)) is not None
+    requeued = await storage.fail(
+        leases[2].job.id, leases[2].id, at(400), "expired", retry_at(at(60 * 50)), at(400)
+    )
+    assert isinstance(requeued, Retrying)
+    assert await storage.ack(leases[2].job.id, leases[2].id, at(401)) is not None  # late ack
+    for moment in (at(250), at(60 * 20), at(60 * 44), at(60 * 46), at(60 * 60)):
+        kept, listed = await _scheduled(storage, "ahead", moment)
+        assert kept == listed, moment
+    # Pruning minutes gone by (by the system clock) loses nothing that is read.
+    await storage.prune("due_counts", datetime.now(UTC) + timedelta(minutes=1), 1000)
+    kept, listed = await _scheduled(storage, "ahead", at(60 * 20))
+    assert kept == listed
+    kept, listed = await _scheduled(storage, "soon", real)
+    assert kept == listed == 6

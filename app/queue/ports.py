@@ -34,7 +34,9 @@ CancelResult = Literal["deleted", "reserved", "missing"]
 # place (a bulk delete by state must not delete a job that has moved on since).
 DeleteScope = Literal["any", "pending", "succeeded", "failed"]
 BulkState = Literal["available", "scheduled", "succeeded", "failed"]
-PruneKind = Literal["succeeded", "failed", "idempotency_keys", "batch_keys", "finished_counts"]
+PruneKind = Literal[
+    "succeeded", "failed", "idempotency_keys", "batch_keys", "finished_counts", "due_counts"
+]
 
 
 @dataclass(slots=True, frozen=True)

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Generic, Literal, TypeVar
 
 from app.queue.backoff import backoff_ms
@@ -605,6 +605,8 @@ class QueueService:
             if hours > 0:
                 pruned += await self._prune(kind, now - timedelta(hours=hours), batch)
         await self._prune("finished_counts", now - timedelta(hours=FINISHED_COUNTS_HOURS), batch)
+        # Due minutes gone by, by the system clock: the one that decides what is counted.
+        await self._prune("due_counts", datetime.now(UTC) - timedelta(minutes=10), batch)
         return pruned
 
     async def _prune(self, kind: PruneKind, before: datetime, batch: int) -> int:

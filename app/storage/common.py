@@ -6,7 +6,7 @@ group-commit writer (`writer.py`) to the backend's own hand-written statements.
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import RowMapping, Select, case, func, or_, select, tuple_
@@ -44,6 +44,7 @@ from app.queue.ports import (
 )
 from app.storage import migrate
 from app.storage.tables import (
+    DueCountRow,
     FailedJobRow,
     FinishedPerMinuteRow,
     JobCountRow,
@@ -57,6 +58,18 @@ succeeded = SucceededJobRow.__table__  # type: ignore[attr-defined]
 failed = FailedJobRow.__table__  # type: ignore[attr-defined]
 counts = JobCountRow.__table__  # type: ignore[attr-defined]
 finished = FinishedPerMinuteRow.__table__  # type: ignore[attr-defined]
+due = DueCountRow.__table__  # type: ignore[attr-defined]
+
+# How far the server's clock and the database's may drift apart before scheduled counts
+# go wrong: `due_counts` is read only from this many minutes past the later of the two
+# clocks' current minute on, and the minutes before are counted along the ready index.
+CLOCK_SKEW_MINUTES = 2
+
+
+def epoch_minute(moment: datetime) -> int:
+    """Minutes since the Unix epoch (the key of `due_counts`)."""
+    return int(moment.timestamp() // 60)
+
 
 # Column lists of the hand-written statements, in the order the builders below read them.
 JOB_COLUMNS = (
@@ -73,6 +86,8 @@ PRUNED: dict[str, tuple[str, str, str]] = {
     "batch_keys": ("batch_idempotency_keys", "key", "created_at"),
     # Whole minutes go at once: a minute's rows (one per name and shard) share the key.
     "finished_counts": ("finished_per_minute", "minute", "minute"),
+    # Minutes gone by are never read again (see DueCountRow); the bound is an epoch minute.
+    "due_counts": ("due_counts", "minute", "minute"),
 }
 
 
@@ -480,9 +495,9 @@ class SqlStorage:
     # -- counts (for /metrics and /stats) -------------------------------------------------
 
     async def job_counts(self, now: datetime, name: str | None = None) -> list[NameCounts]:
-        """The kept counts summed over shards; per name, its scheduled jobs counted along
-        the ready index (a range of only the future ones) and its oldest ready job found
-        at the start of that index: both cheap with any number of available jobs."""
+        """The kept counts summed over shards; per name, its scheduled jobs (see
+        `_scheduled`) and its oldest ready job, found at the start of the ready index:
+        cheap with any number of available or scheduled jobs."""
         kept = select(
             counts.c.name,
             *(func.sum(counts.c[c]).label(c) for c in KEPT_COUNTS),
@@ -491,16 +506,10 @@ class SqlStorage:
             kept = kept.where(counts.c.name == name)
         sums = kept.subquery()
         unreserved = (jobs.c.name == sums.c.name, jobs.c.reserved_at.is_(None))
-        scheduled = (
-            select(func.count())
-            .select_from(jobs)
-            .where(*unreserved, jobs.c.available_at > now)
-            .scalar_subquery()
-        )
         oldest = select(func.min(jobs.c.available_at)).where(*unreserved).scalar_subquery()
-        query = select(sums, scheduled.label("scheduled"), oldest.label("oldest")).order_by(
-            sums.c.name
-        )
+        query = select(
+            sums, _scheduled(sums.c.name, now).label("scheduled"), oldest.label("oldest")
+        ).order_by(sums.c.name)
         async with self._read() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_name_counts(row, now) for row in rows]
@@ -541,6 +550,37 @@ def _name_counts(row: RowMapping, now: datetime) -> NameCounts:
 
 def _ordered(order: tuple[Any, Any], newest_first: bool) -> tuple[Any, Any]:
     return (order[0].desc(), order[1].desc()) if newest_first else order
+
+
+def _scheduled(name: Any, now: datetime) -> Any:
+    """Jobs of `name` due after `now`: along the ready index up to a bound a few minutes
+    past the later of `now` and the system clock, and from `due_counts` after it. The
+    rows from the bound on were all written while their minute lay ahead, so they are
+    whole; the range before it holds at most a few minutes of due jobs."""
+    bound = max(epoch_minute(now), epoch_minute(datetime.now(UTC))) + CLOCK_SKEW_MINUTES
+    bound_at = datetime.fromtimestamp(bound * 60, UTC)
+    near = (
+        select(func.count())
+        .select_from(jobs)
+        .where(
+            jobs.c.name == name,
+            jobs.c.reserved_at.is_(None),
+            jobs.c.available_at > now,
+            jobs.c.available_at < bound_at,
+        )
+        .scalar_subquery()
+    )
+    later = (
+        select(func.coalesce(func.sum(due.c.jobs), 0))
+        .where(due.c.name == name, due.c.minute >= bound)
+        .scalar_subquery()
+    )
+    return near + later
+
+
+def prune_bound(kind: str, before: datetime) -> Any:
+    """`before` as the pruned table's time column holds it."""
+    return epoch_minute(before) if kind == "due_counts" else before
 
 
 async def _first(conn: AsyncConnection, stmt: Select[Any]) -> RowMapping | None:

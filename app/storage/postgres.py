@@ -50,6 +50,7 @@ from app.storage.common import (
     leases_from,
     new_job,
     per_minute,
+    prune_bound,
 )
 from app.storage.writer import Op, Writer, runs
 
@@ -474,7 +475,7 @@ async def prune(conn: Conn, group: Group, items: list[tuple[str, datetime, int]]
         status = await conn.execute(
             f"DELETE FROM {table} WHERE {key} IN "
             f"(SELECT {key} FROM {table} WHERE {stamp} < $1 ORDER BY {stamp} LIMIT $2)",
-            before,
+            prune_bound(kind, before),
             limit,
         )
         results.append(int(status.split()[-1]))

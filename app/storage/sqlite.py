@@ -47,10 +47,12 @@ from app.storage.common import (
     PRUNED,
     SUCCEEDED_COLUMNS,
     SqlStorage,
+    epoch_minute,
     job_from,
     leases_from,
     new_job,
     per_minute,
+    prune_bound,
 )
 from app.storage.writer import Op, Writer, runs
 
@@ -125,7 +127,9 @@ RELEASE = (
     "lease_expires_at = NULL, attempts = attempts - 1 "
     f"WHERE id = ? AND lease_id = ? AND reserved_at IS NOT NULL RETURNING {JOB_COLUMNS}"
 )
-CANCEL_PENDING = "DELETE FROM jobs WHERE id = ? AND reserved_at IS NULL RETURNING name"
+CANCEL_PENDING = (
+    "DELETE FROM jobs WHERE id = ? AND reserved_at IS NULL RETURNING name, available_at"
+)
 IS_PENDING = "SELECT 1 FROM jobs WHERE id = ?"
 DELETE_FINISHED = {
     "succeeded": "DELETE FROM succeeded_jobs WHERE id = ? RETURNING name",
@@ -146,6 +150,10 @@ ADD_COUNTS = (
     "VALUES (?, 0, ?, ?, ?, ?) ON CONFLICT (name, shard) DO UPDATE SET "
     "pending = pending + excluded.pending, reserved = reserved + excluded.reserved, "
     "succeeded = succeeded + excluded.succeeded, failed = failed + excluded.failed"
+)
+ADD_DUE = (
+    "INSERT INTO due_counts (name, minute, shard, jobs) VALUES (?, ?, 0, ?) "
+    "ON CONFLICT (name, minute, shard) DO UPDATE SET jobs = jobs + excluded.jobs"
 )
 
 
@@ -188,18 +196,30 @@ TABLE_STATE = {"jobs": PENDING, "succeeded_jobs": SUCCEEDED, "failed_jobs": FAIL
 
 
 class Tally:
-    """A group's moves between counted states, per job name, written as one upsert per
-    name just before the group commits.
+    """A group's moves between counted states per job name, and of pending jobs in and
+    out of due minutes still ahead, written as one upsert per name (and per name and
+    minute) just before the group commits.
 
-    On PostgreSQL statement triggers keep `job_counts` (every replica's writes count); on
-    SQLite, where the writer is the only writer, a trigger per row cost a third of the
-    batched cycle, so the handlers say what each row did instead (migration 0005 dropped
-    the triggers). Every handler that adds, moves or removes a job row tallies it."""
+    On PostgreSQL statement triggers keep `job_counts` and `due_counts` (every replica's
+    writes count); on SQLite, where the writer is the only writer, a trigger per row cost
+    a third of the batched cycle, so the handlers say what each row did instead
+    (migration 0005 dropped the triggers). Every handler that adds, moves or removes a
+    job row tallies it."""
 
-    __slots__ = ("deltas",)
+    __slots__ = ("deltas", "due_deltas", "minute")
 
     def __init__(self) -> None:
         self.deltas: dict[str, list[int]] = {}
+        self.due_deltas: dict[tuple[str, int], int] = {}
+        self.minute = epoch_minute(datetime.now(UTC))  # the system clock, as on PostgreSQL
+
+    def due(self, name: str, available_at: datetime, delta: int) -> None:
+        """A pending, unreserved job of `name` due at `available_at` came (+1) or went
+        (-1): counted when its minute is still ahead (see `DueCountRow`)."""
+        minute = epoch_minute(available_at)
+        if minute > self.minute:
+            key = (name, minute)
+            self.due_deltas[key] = self.due_deltas.get(key, 0) + delta
 
     def move(self, name: str, source: int | None, target: int | None) -> None:
         """One job of `name` left `source` (None: it is new) for `target` (None: gone)."""
@@ -215,6 +235,9 @@ class Tally:
         changed = [(name, *d) for name, d in self.deltas.items() if any(d)]
         if changed:
             conn.executemany(ADD_COUNTS, changed)
+        due = [(name, minute, n) for (name, minute), n in self.due_deltas.items() if n]
+        if due:
+            conn.executemany(ADD_DUE, due)
 
 
 def held(reserved_at: object) -> int:
@@ -229,6 +252,7 @@ def held(reserved_at: object) -> int:
 def _insert_jobs(conn: sqlite3.Connection, jobs: list[NewJob], tally: Tally) -> None:
     for job in jobs:
         tally.move(job.name, None, PENDING)
+        tally.due(job.name, job.available_at, 1)
     conn.executemany(
         INSERT_JOB,
         [
@@ -334,10 +358,11 @@ def reserve(
             worker=worker_id,
             expires=ts(expires_at),
         )
-        rows = conn.execute(reserve_sql(len(names)), params).fetchall()
+        rows = [_times(row, 5, 6, 7) for row in conn.execute(reserve_sql(len(names)), params)]
         for row in rows:
             tally.move(row[1], PENDING, RESERVED)
-        results.append(leases_from([_times(row, 5, 6, 7) for row in rows], expires_at))
+            tally.due(row[1], row[6], -1)
+        results.append(leases_from(rows, expires_at))
     return results
 
 
@@ -353,6 +378,8 @@ def ack(
             continue
         job_id, name, payload, attempts, lease_seq, created_at, available_at, leased = row
         tally.move(name, held(leased), SUCCEEDED)
+        if leased is None:
+            tally.due(name, dt(available_at), -1)
         inserts.append(
             (job_id, name, payload, attempts, lease_seq, created_at, available_at, ts(now))
         )
@@ -393,10 +420,13 @@ def fail(
             continue
         job_id, name, payload, attempts, max_retries, created, available, lease_seq, leased = row
         leased_at = None if leased is None else dt(leased)
+        if leased is None:  # its lease ran out and it was requeued: it leaves its due minute
+            tally.due(name, dt(available), -1)
         retry_at = decide(attempts, max_retries)
         if retry_at is not None:
             conn.execute(REQUEUE, (ts(retry_at), job_id))
             tally.move(name, held(leased), PENDING)
+            tally.due(name, retry_at, 1)
             job = [job_id, name, payload, attempts, max_retries, dt(created), retry_at, None, None]
             results.append(Retrying(job_from(job, now), leased_at))
             continue
@@ -432,9 +462,13 @@ def release(
     results: list[Job | None] = []
     for job_id, lease_id, now in items:
         row = conn.execute(RELEASE, (job_id, lease_id)).fetchone()
-        if row is not None:
-            tally.move(row[1], RESERVED, PENDING)
-        results.append(None if row is None else job_from(_times(row, 5, 6, 7), now))
+        if row is None:
+            results.append(None)
+            continue
+        values = _times(row, 5, 6, 7)
+        tally.move(values[1], RESERVED, PENDING)
+        tally.due(values[1], values[6], 1)
+        results.append(job_from(values, now))
     return results
 
 
@@ -446,6 +480,7 @@ def cancel(
             row = conn.execute(CANCEL_PENDING, (job_id,)).fetchone()
             if row is not None:
                 tally.move(row[0], PENDING, None)
+                tally.due(row[0], dt(row[1]), -1)
                 return "deleted"
             if conn.execute(IS_PENDING, (job_id,)).fetchone() is not None:
                 return "reserved"
@@ -471,6 +506,7 @@ def retry_failed(
             continue
         job_id, name, payload, max_retries, created_at, lease_seq = row
         tally.move(name, FAILED, PENDING)
+        tally.due(name, now, 1)
         values = (job_id, name, payload, 0, max_retries, created_at, ts(now), lease_seq)
         conn.execute(INSERT_JOB, values)
         results.append(
@@ -489,11 +525,13 @@ def prune(
             f"DELETE FROM {table} WHERE {key} IN "
             f"(SELECT {key} FROM {table} WHERE {stamp} < ? ORDER BY {stamp} LIMIT ?)"
         )
+        bound = prune_bound(kind, before)
+        bound = ts(bound) if isinstance(bound, datetime) else bound
         state = TABLE_STATE.get(table)
         if state is None:
-            results.append(conn.execute(sql, (ts(before), limit)).rowcount)
+            results.append(conn.execute(sql, (bound, limit)).rowcount)
             continue
-        names = conn.execute(sql + " RETURNING name", (ts(before), limit)).fetchall()
+        names = conn.execute(sql + " RETURNING name", (bound, limit)).fetchall()
         for (name,) in names:
             tally.move(name, state, None)
         results.append(len(names))

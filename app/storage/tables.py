@@ -170,9 +170,10 @@ class FinishedPerMinuteRow(SQLModel, table=True):
 
 class JobCountRow(SQLModel, table=True):
     """Jobs per name and state (pending = available or scheduled, reserved, succeeded,
-    failed), kept by database triggers on the three job tables, so counting a
-    million-job backlog is a read of a few rows, and every writer (an older replica in a
-    rolling upgrade included) keeps it right. Sharded like `finished_per_minute`."""
+    failed), so counting a million-job backlog is a read of a few rows. On PostgreSQL
+    database triggers on the three job tables keep it, so every writer (an older replica
+    in a rolling upgrade included) keeps it right; on SQLite, the only writer, the
+    server's writer does. Sharded like `finished_per_minute`."""
 
     __tablename__ = "job_counts"
 
@@ -182,3 +183,23 @@ class JobCountRow(SQLModel, table=True):
     reserved: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     succeeded: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     failed: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+
+
+class DueCountRow(SQLModel, table=True):
+    """Pending, unreserved jobs per name and the minute they come due (minutes since the
+    Unix epoch), counted only while that minute is still ahead of the writer's clock.
+
+    How many jobs of a name are scheduled is then a sum of these rows for the minutes from
+    two after now on, plus a range scan of the ready index over the two minutes before
+    them: a read of a few rows, however many jobs are scheduled. A row of a minute gone by
+    is never read again, so moves out of it are not counted and it is pruned. Kept like
+    `job_counts`, and sharded like it."""
+
+    __tablename__ = "due_counts"
+
+    name: str = Field(primary_key=True, max_length=255)
+    minute: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    shard: int = Field(default=0, primary_key=True)
+    jobs: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+
+    __table_args__ = (Index("ix_due_counts_minute", "minute"),)
