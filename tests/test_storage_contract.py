@@ -1583,6 +1583,12 @@ async def test_scheduled_counts_follow_jobs_into_and_out_of_their_due_minutes(
     )
     assert isinstance(requeued, Retrying)
     assert await storage.ack(leases[2].job.id, leases[2].id, at(401)) is not None  # late ack
+    requeued = await storage.fail(
+        leases[3].job.id, leases[3].id, at(400), "expired", retry_at(at(60 * 55)), at(400)
+    )
+    assert isinstance(requeued, Retrying)
+    late = await storage.fail(leases[3].job.id, leases[3].id, at(402), "late", give_up())
+    assert isinstance(late, Buried)  # its worker's own fail, after the expiry
     for moment in (at(250), at(60 * 20), at(60 * 44), at(60 * 46), at(60 * 60)):
         kept, listed = await _scheduled(storage, "ahead", moment)
         assert kept == listed, moment
