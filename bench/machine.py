@@ -135,6 +135,20 @@ def fsync_latency_ms(folder: Path, count: int = 200) -> tuple[float, float]:
     return statistics.median(samples), cuts[98]
 
 
+def dirty_mib() -> float:
+    """Data the kernel still has to write back (Dirty + Writeback in /proc/meminfo)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return sum(int(fields[k].split()[0]) for k in ("Dirty", "Writeback")) / 1024
+
+
+def settle_disk() -> str:
+    """Write back what earlier rows left dirty, so that an idle measurement does not pay
+    for it: behind hundreds of MiB of write-back an fsync waits for ext4's journal."""
+    before, start = dirty_mib(), time.perf_counter()
+    os.sync()
+    return f"{before:.0f} MiB written back first (sync took {time.perf_counter() - start:.2f} s)"
+
+
 def describe_disk(folder: Path) -> str:
     kind, device, mount = filesystem(folder)
     p50, p99 = fsync_latency_ms(folder)

@@ -59,6 +59,7 @@ from machine import (
     describe_machine,
     load_average,
     own_cpu_seconds,
+    settle_disk,
     wait_for_quiet,
     workdir_parent,
 )
@@ -570,7 +571,9 @@ def stack(server: Server) -> str:
 
 def pickup_rows(bench: Bench, server: Server, minimal: Server) -> None:
     """Pickup latency, and beside it the minimal app's round trip after the same idle
-    pause: on a VM a sleeping core takes a while to wake, and no server beats that."""
+    pause: on a VM a sleeping core takes a while to wake, and no server beats that. The
+    rows before leave the disk busy writing back; idle means after that."""
+    settled = settle_disk()
     result = run_loadgen(
         bench, "pickup", "--url", server.url, "--name", PICKUP, "--samples",
         bench.config.pickups, "--yardstick", minimal.url,
@@ -585,6 +588,7 @@ def pickup_rows(bench: Bench, server: Server, minimal: Server) -> None:
         f"committed); generator at {cpu_share(result):.0%} of core 1; "
         f"{others_text(result['others'])}"
     )
+    bench.rows["pickup_p99"].note(f"disk idle before: {settled}")
     idle_rtt = result["yardstick_ms"]
     bench.rows["pickup_p99"].note(
         f"yardstick: the minimal app's POST after the same {PICKUP_PAUSE_MS} ms idle pause, "
