@@ -28,6 +28,7 @@ from pathlib import Path
 
 from children import REPO_ROOT, BenchError, free_port, pinned
 from loadgen import PAYLOAD
+from machine import settle_disk
 
 INSERT_COLUMNS = "id, name, payload, attempts, max_retries, created_at, available_at, lease_seq"
 
@@ -67,6 +68,10 @@ class SqliteBackend:
             f"{found.group(1)} (the default in app/settings.py)" if found else "the default"
         )
         return [f"SQLite {sqlite3.sqlite_version}, synchronous={synchronous}, in {self.workdir}"]
+
+    def settle(self) -> str:
+        """Write back what a prefill left dirty, so a timed row does not pay for it."""
+        return settle_disk()
 
     def close(self) -> None:
         pass
@@ -153,6 +158,13 @@ class PostgresBackend:
 
     def postmaster_pid(self) -> int:
         return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def settle(self) -> str:
+        """A CHECKPOINT, then write-back: a prefill of hundreds of thousands of jobs fills
+        the WAL, and the checkpoint it forces would otherwise land in the timed row."""
+        started = time.perf_counter()
+        self.sql("CHECKPOINT")
+        return f"CHECKPOINT in {time.perf_counter() - started:.2f} s; {settle_disk()}"
 
     def close(self) -> None:
         if (self.data / "postmaster.pid").exists():

@@ -478,6 +478,8 @@ def prepared(bench: Bench, tag: str, fills: dict[str, int]) -> Iterator[Server]:
         if not by_sql:
             for name, count in fills.items():
                 http_fill(bench, server, name, count)
+        if fills:
+            print(f"  after the prefill: {bench.backend.settle()}", flush=True)
         yield server
 
 
