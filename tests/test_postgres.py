@@ -106,6 +106,40 @@ async def test_single_job_reserve_locks_with_skip_locked_through_the_ready_index
     assert "Seq Scan on jobs" not in plan, plan
 
 
+async def test_reserve_of_a_dominant_name_behind_older_jobs_takes_the_ready_index(
+    service: QueueService,
+) -> None:
+    """One name holds most of the backlog, and another name's jobs are all older. With
+    the statistics ANALYZE gives then, the planner preferred to walk `ix_jobs_available_at`
+    in time order and filter by name: past every older job, at each reserve (26 ms at
+    460,000 jobs, measured by the bench). Both reserve statements must take the name's
+    range of the ready index."""
+    async with engine_of(service).begin() as conn:
+        for name, count, hours in (("older", 20_000, 2), ("dominant", 100_000, 1)):
+            await conn.execute(
+                text(
+                    "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, "
+                    "available_at, lease_seq) SELECT :name || g, :name, 'p', 0, 3, now(), "
+                    "now() - make_interval(hours => :hours) + make_interval(secs => g / 100.0), "
+                    "0 FROM generate_series(1, :n) g"
+                ),
+                {"name": name, "n": count, "hours": hours},
+            )
+        await conn.execute(text("ANALYZE jobs"))
+    now = service.clock.now()
+    expires = now + timedelta(seconds=30)
+    for statement, params in (
+        (RESERVE, (["dominant"], now, 100, 1 << 20, "w", expires)),
+        (RESERVE_ONE, (["dominant"], now, "w", expires)),
+    ):
+        async with engine_of(service).connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            rows = await raw.fetch(f"EXPLAIN {statement}", *params)
+            await conn.rollback()
+        plan = "\n".join(row[0] for row in rows)
+        assert "ix_jobs_ready" in plan and "ix_jobs_available_at" not in plan, plan
+
+
 async def test_reaper_and_history_use_indexes(service: QueueService) -> None:
     await fill(service, 20_000)
     now = service.clock.now()
