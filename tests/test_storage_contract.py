@@ -1598,3 +1598,34 @@ async def test_scheduled_counts_follow_jobs_into_and_out_of_their_due_minutes(
     assert kept == listed
     kept, listed = await _scheduled(storage, "soon", real)
     assert kept == listed == 6
+
+
+async def test_single_job_reserves_in_one_group_go_oldest_first_in_arrival_order(
+    storage: Storage,
+) -> None:
+    """Busy workers each asking one job land in one writer group (PostgreSQL answers them
+    with one statement): per name, the n-th request gets the n-th oldest ready job, each
+    lease is its own worker's with its own expiry, and a request with no job left gets
+    none."""
+    for name, count in (("a", 5), ("b", 2)):
+        for i in range(count):
+            await put(storage, new_job(name, job_id=f"{name}{i}", available_at=at(i)))
+    await put(storage, new_job("a", job_id="a-later", available_at=at(100)))
+    asks = [("a", 1), ("b", 2), ("a", 3), ("b", 4), ("b", 5), ("a", 6)]
+    results = await asyncio.gather(
+        *(storage.reserve([name], f"w{n}", 1, at(10), at(10 + n)) for name, n in asks)
+    )
+    got = [
+        [(lease.job.id, lease.job.reserved_by, lease.expires_at) for lease in r] for r in results
+    ]
+    assert got == [
+        [("a0", "w1", at(11))],
+        [("b0", "w2", at(12))],
+        [("a1", "w3", at(13))],
+        [("b1", "w4", at(14))],
+        [],  # no b left
+        [("a2", "w6", at(16))],
+    ]
+    assert all(lease.id == f"{lease.job.id}.1" for r in results for lease in r)
+    left = await storage.list_pending(pending(state="available", name="a"), at(10))
+    assert [job.id for job in left] == ["a3", "a4"]
