@@ -104,6 +104,30 @@ def test_changes_arrive_in_order_and_filtered_by_name(server: ServerProcess) -> 
     only_a.close()
 
 
+def test_delete_events_carry_the_name(server: ServerProcess) -> None:
+    """A stream filtered by name sees that name's deletes too: one by one, in bulk by ids
+    and in bulk by filter, with and without a name (the name is read before the delete,
+    which leaves no row to tell it)."""
+    only_a = Stream(f"{server.url}/events?name=a")
+    only_b = Stream(f"{server.url}/events?name=b")
+    only_a.wait(lambda s: s.status == 200)
+    only_b.wait(lambda s: s.status == 200)
+    a = [post(server, "/jobs", {"name": "a", "payload": str(i)})["id"] for i in range(4)]
+    post(server, "/jobs", {"name": "b", "payload": "y"})
+    assert httpx.delete(f"{server.url}/jobs/{a[0]}").status_code == 204
+    post(server, "/jobs/delete", {"ids": [a[1]]})
+    post(server, "/jobs/delete", {"filter": {"state": "available", "name": "a"}})
+    post(server, "/jobs/delete", {"filter": {"state": "available"}})  # b's job, no name given
+    only_a.wait(lambda s: len(s.changes()) == 8)
+    assert only_a.changes() == [("a", "enqueued")] * 4 + [("a", "deleted")] * 4
+    deleted = [e["data"]["id"] for e in only_a.events if e["event"] == "job"][4:]
+    assert sorted(deleted) == sorted(a)
+    only_b.wait(lambda s: len(s.changes()) == 2)
+    assert only_b.changes() == [("b", "enqueued"), ("b", "deleted")]
+    only_a.close()
+    only_b.close()
+
+
 def test_resume_with_last_event_id_and_reset(server: ServerProcess) -> None:
     first = Stream(f"{server.url}/events")
     first.wait(lambda s: s.status == 200)

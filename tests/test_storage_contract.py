@@ -1629,3 +1629,18 @@ async def test_single_job_reserves_in_one_group_go_oldest_first_in_arrival_order
     assert all(lease.id == f"{lease.job.id}.1" for r in results for lease in r)
     left = await storage.list_pending(pending(state="available", name="a"), at(10))
     assert [job.id for job in left] == ["a3", "a4"]
+
+
+async def test_names_of_finds_pending_and_finished_jobs(storage: Storage) -> None:
+    pending_job = await put(storage, new_job("alpha"))
+    acked = await put(storage, new_job("beta"))
+    lease = await lease_of(storage, acked.id)
+    assert await storage.ack(acked.id, lease.id, at(1)) is not None
+    many = [new_job(f"n{i % 3}") for i in range(2500)]  # more ids than one query takes
+    await storage.enqueue_many(many, T0)
+    ids = [pending_job.id, acked.id, "never-existed", *(job.id for job in many)]
+    names = await storage.names_of(ids)
+    assert names[pending_job.id] == "alpha" and names[acked.id] == "beta"
+    assert "never-existed" not in names
+    assert all(names[job.id] == job.name for job in many)
+    assert await storage.names_of([]) == {}

@@ -60,6 +60,7 @@ class BulkActions:
     async def delete_ids(self, job_ids: Sequence[str]) -> list[QueueError | None]:
         """Each job deleted (pending unreserved or finished); a refusal per id otherwise."""
         known = [i for i in job_ids if could_exist(i)]
+        names = await self.storage.names_of(known)
         outcome = dict(
             zip(known, await self.storage.delete_many([(i, "any") for i in known]), strict=True)
         )
@@ -68,7 +69,7 @@ class BulkActions:
             result = outcome.get(job_id, "missing")
             if result == "deleted":
                 results.append(None)
-                self._deleted([job_id])
+                self._deleted([job_id], names)
             elif result == "reserved":
                 results.append(Conflict(f"job {job_id} is reserved by a worker", "reserved"))
             else:
@@ -98,8 +99,10 @@ class BulkActions:
             jobs = [j for j in await self.storage.retry_failed_many(ids, self.clock.now()) if j]
             self._wake(jobs)
             return len(jobs)
+        names = await self.storage.names_of(ids)
         results = await self.storage.delete_many([(i, SCOPE[state]) for i in ids])
-        self._deleted([i for i, result in zip(ids, results, strict=True) if result == "deleted"])
+        deleted = [i for i, result in zip(ids, results, strict=True) if result == "deleted"]
+        self._deleted(deleted, names)
         return results.count("deleted")
 
     def _wake(self, jobs: list[Job]) -> None:
@@ -109,10 +112,11 @@ class BulkActions:
         for job in jobs:
             self.hub.publish(job.id, job.name, "retried", job.state, now)
 
-    def _deleted(self, job_ids: Sequence[str]) -> None:
+    def _deleted(self, job_ids: Sequence[str], names: dict[str, str]) -> None:
+        """Delete events carry the name, read before the delete (see `Storage.names_of`)."""
         now = self.clock.now()
         for job_id in job_ids:
-            self.hub.publish(job_id, "", "deleted", "deleted", now)
+            self.hub.publish(job_id, names.get(job_id, ""), "deleted", "deleted", now)
 
     async def _not_failed(self, job_id: str) -> QueueError:
         job = await self.storage.get(job_id, self.clock.now()) if could_exist(job_id) else None

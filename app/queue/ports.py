@@ -211,6 +211,10 @@ class Storage(Protocol):
 
     async def get(self, job_id: str, now: datetime) -> AnyJob | None: ...
 
+    async def names_of(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The job name of each id that exists, pending or finished (a job never changes
+        its name): read before a delete, which leaves no row to tell it."""
+
     async def cancel(self, job_id: str) -> CancelResult:
         """Delete a pending unreserved job, or a succeeded or failed job's record."""
 

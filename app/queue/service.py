@@ -685,14 +685,17 @@ class QueueService:
 
     async def cancel(self, job_id: str) -> None:
         """Delete a pending job or a finished job's record; a reserved job belongs to its worker."""
-        result = await self.storage.cancel(job_id) if could_exist(job_id) else "missing"
+        if not could_exist(job_id):
+            raise NotFound(f"job {job_id!r} not found")
+        names = await self.storage.names_of([job_id])
+        result = await self.storage.cancel(job_id)
         if result == "reserved":
             raise Conflict(
                 f"job {job_id} is reserved by a worker; wait for its lease to end, then delete it"
             )
         if result == "missing":
             raise NotFound(f"job {job_id!r} not found")
-        self.hub.publish(job_id, "", "deleted", "deleted", self.clock.now())
+        self.hub.publish(job_id, names.get(job_id, ""), "deleted", "deleted", self.clock.now())
 
     async def retry(self, job_id: str) -> Job:
         now = self.clock.now()

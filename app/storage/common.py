@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import RowMapping, Select, case, func, or_, select, tuple_
+from sqlalchemy import RowMapping, Select, case, func, or_, select, tuple_, union_all
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -59,6 +59,8 @@ failed = FailedJobRow.__table__  # type: ignore[attr-defined]
 counts = JobCountRow.__table__  # type: ignore[attr-defined]
 finished = FinishedPerMinuteRow.__table__  # type: ignore[attr-defined]
 due = DueCountRow.__table__  # type: ignore[attr-defined]
+TABLES = (jobs, succeeded, failed)
+NAMES_CHUNK = 1000  # ids per query in `names_of` (three IN lists: well under bind limits)
 
 # How far the server's clock and the database's may drift apart before scheduled counts
 # go wrong: `due_counts` is read only from this many minutes past the later of the two
@@ -350,6 +352,17 @@ class SqlStorage:
                 return SucceededJob(*[row[c] for c in SUCCEEDED_COLUMNS.split(", ")])
             row = await _first(conn, select(failed).where(failed.c.id == job_id))
         return None if row is None else FailedJob(*[row[c] for c in FAILED_COLUMNS.split(", ")])
+
+    async def names_of(self, job_ids: Sequence[str]) -> dict[str, str]:
+        names: dict[str, str] = {}
+        async with self._read() as conn:
+            for start in range(0, len(job_ids), NAMES_CHUNK):
+                chunk = list(job_ids[start : start + NAMES_CHUNK])
+                query = union_all(
+                    *(select(t.c.id, t.c.name).where(t.c.id.in_(chunk)) for t in TABLES)
+                )
+                names.update((row[0], row[1]) for row in await conn.execute(query))
+        return names
 
     async def list_pending(self, query: PendingQuery, now: datetime) -> list[Job]:
         stmt = self._pending(query, now, jobs)
