@@ -92,14 +92,7 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6
 # A lone enqueue, and its announcement, in one statement: atomic by itself, so one round
 # trip instead of four (BEGIN, INSERT, NOTIFY, COMMIT), each of which pays for waking the
 # database's process when the server has been idle. The NOTIFY goes out at its commit.
-ENQUEUE_ONE = """
-WITH inserted AS (
-    INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at,
-                      lease_seq)
-    VALUES ($1, $2, $3, 0, $4, $5, $6, 0)
-)
-SELECT pg_notify($7, $8)
-"""
+ENQUEUE_ONE = f"WITH inserted AS ({INSERT_JOBS}) SELECT pg_notify($7, $8)"
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
 SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = $1"
 SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = $1"
@@ -159,38 +152,6 @@ WHERE id = (
     ) AS c
 ) AND reserved_at IS NULL
 RETURNING {JOB_COLUMNS}, lease_id
-"""
-QUALIFIED_JOB_COLUMNS = ", ".join(f"jobs.{c.strip()}" for c in JOB_COLUMNS.split(","))
-# Several single-job reserves in one group (busy workers asking one job each) as one
-# statement, not one round trip each: per name, as many of the oldest ready jobs as there
-# are requests for it, handed out in arrival order (the n-th request of a name gets its
-# n-th oldest job). Each request keeps its own worker, time and expiry; a name's pick uses
-# the earliest of its requests' times, so no job is leased before it was due.
-RESERVE_EACH = f"""
-WITH wanted AS (
-    SELECT w.*, row_number() OVER (PARTITION BY w.name ORDER BY w.ord) AS k
-    FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
-        WITH ORDINALITY AS w(name, worker, at, expires, ord)
-), per_name AS (
-    SELECT name, count(*) AS n, min(at) AS at FROM wanted GROUP BY name
-), picked AS MATERIALIZED (
-    SELECT c.id, c.name, row_number() OVER (PARTITION BY c.name ORDER BY c.available_at, c.id) AS k
-    FROM per_name AS n CROSS JOIN LATERAL (
-        SELECT id, name, available_at FROM jobs
-        WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= n.at
-        ORDER BY jobs.name, available_at, id LIMIT n.n
-        FOR UPDATE SKIP LOCKED
-    ) AS c
-), assigned AS (
-    SELECT picked.id, wanted.worker, wanted.at, wanted.expires, wanted.ord
-    FROM picked JOIN wanted ON wanted.name = picked.name AND wanted.k = picked.k
-)
-UPDATE jobs SET attempts = attempts + 1, reserved_at = a.at, reserved_by = a.worker,
-    lease_seq = lease_seq + 1, lease_id = jobs.id || '.' || (lease_seq + 1)::text,
-    lease_expires_at = a.expires
-FROM assigned AS a
-WHERE jobs.id = a.id AND jobs.reserved_at IS NULL
-RETURNING {QUALIFIED_JOB_COLUMNS}, lease_id, a.ord
 """
 # Ack, set-based: one statement moves a whole run of acks to the succeeded jobs and adds
 # them to the per-minute counts (one row per name and minute, on this connection's shard);
@@ -386,36 +347,16 @@ async def enqueue_many_once(
 
 
 async def reserve(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> list[list[Lease]]:
-    singles = [i for i, item in enumerate(items) if len(item[0]) == 1 and item[2] == 1]
-    results: list[list[Lease]] = [[] for _ in items]
-    done = set(singles) if len(singles) > 1 else set()
-    if done:
-        await _reserve_each(conn, [items[i] for i in singles], [results[i] for i in singles])
-    for i, (names, worker_id, max_jobs, now, expires_at, max_bytes) in enumerate(items):
-        if i in done:
-            continue
+    results = []
+    for names, worker_id, max_jobs, now, expires_at, max_bytes in items:
         if len(names) == 1 and max_jobs == 1:
             rows = await conn.fetch(RESERVE_ONE, list(names), now, worker_id, expires_at)
-        else:
-            limit = NO_LIMIT if max_bytes is None else max_bytes
-            params = (list(names), now, max_jobs, limit, worker_id, expires_at)
-            rows = await conn.fetch(RESERVE, *params)
-        results[i].extend(leases_from(rows, expires_at))
+            results.append(leases_from(rows, expires_at))
+            continue
+        limit = NO_LIMIT if max_bytes is None else max_bytes
+        rows = await conn.fetch(RESERVE, list(names), now, max_jobs, limit, worker_id, expires_at)
+        results.append(leases_from(rows, expires_at))
     return results
-
-
-async def _reserve_each(
-    conn: Conn, items: list[tuple[Any, ...]], results: list[list[Lease]]
-) -> None:
-    """Single-job reserves, one statement for all (RESERVE_EACH); each result list gets
-    its request's lease, if there was a job for it."""
-    columns: tuple[list[Any], ...] = ([], [], [], [])
-    for names, worker_id, _, now, expires_at, _ in items:
-        for column, value in zip(columns, (names[0], worker_id, now, expires_at), strict=True):
-            column.append(value)
-    for row in await conn.fetch(RESERVE_EACH, *columns):
-        index = row[-1] - 1  # WITH ORDINALITY counts from 1
-        results[index].extend(leases_from([row[:-1]], items[index][4]))
 
 
 async def ack(
@@ -610,7 +551,8 @@ class PostgresStorage(SqlStorage):
                 job, now = group[0].arg
                 ready = Group()
                 ready.announce(job.name, job.available_at)
-                await conn.execute(ENQUEUE_ONE, *_row(job), CHANNEL, *self._payloads(ready))
+                columns = [[value] for value in _row(job)]
+                await conn.execute(ENQUEUE_ONE, *columns, CHANNEL, *self._payloads(ready))
                 return [new_job(job, now)]
             async with conn.transaction():
                 ready = Group()
