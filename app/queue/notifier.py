@@ -21,6 +21,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
+from typing import Any
 
 from app.queue.clock import Clock
 
@@ -39,6 +40,9 @@ class Waiter:
         self.armed = False
         self.admitted = False  # counted among the bounded long polls once it first waits
         self.chained = False  # woken without a count of jobs: pass the wake on if it finds work
+        self.sleeping = False  # in wait(), not between a wake and its next look
+        self.claim: Any = None  # what a hand-off needs to reserve a job for it (the caller's)
+        self.handed: asyncio.Future[Any] | None = None  # a job handed to it, once committed
 
     def arm(self) -> None:
         """Listen again; call before checking the database so no wake falls in between."""
@@ -60,10 +64,13 @@ class Waiter:
 
     async def wait(self, seconds: float) -> bool:
         """True if woken, False if `seconds` passed first."""
+        self.sleeping = True
         try:
             await asyncio.wait_for(self._event.wait(), seconds)
         except TimeoutError:
             return False
+        finally:
+            self.sleeping = False
         return True
 
 
@@ -98,7 +105,7 @@ class Notifier:
         finally:
             was_woken, waiter.armed = waiter.woken, False
             self._forget(waiter)
-            if was_woken:
+            if was_woken and waiter.handed is None:
                 # A wake this waiter will not use (its client left, or it just returned)
                 # is passed on, so a job is never left waiting for a waiter that is gone.
                 for name in waiter.names:
@@ -139,6 +146,20 @@ class Notifier:
         while count > 0 and (queue := self._waiting.get(name)):
             next(iter(queue)).wake(chained)
             count -= 1
+
+    def hand_over(self, name: str) -> Waiter | None:
+        """The poll of `name` that has waited longest, if it is asleep: taken out of the
+        queue and woken with `handed`, a future for the job the caller is about to reserve
+        for it (a direct hand-off). None if that poll is busy looking, or there is none."""
+        queue = self._waiting.get(name)
+        if not queue:
+            return None
+        waiter = next(iter(queue))
+        if not waiter.sleeping or waiter.claim is None:
+            return None
+        waiter.handed = asyncio.get_running_loop().create_future()
+        waiter.wake()
+        return waiter
 
     def chain(self, names: Iterable[str]) -> None:
         """A waiter woken without a count found work: there may be more, wake the next."""

@@ -146,6 +146,12 @@ class Storage(Protocol):
 
     async def enqueue(self, job: NewJob, now: datetime) -> Job: ...
 
+    async def enqueue_leased(
+        self, job: NewJob, now: datetime, worker_id: str, expires_at: datetime
+    ) -> Lease:
+        """Enqueue `job` (due now) already reserved for `worker_id`: a hand-off to a poll
+        that is waiting for it, in one write instead of an enqueue and then a reserve."""
+
     async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
         """Enqueue unless `key` was used since `key.not_before`; then report that use."""
 

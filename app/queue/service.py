@@ -219,6 +219,7 @@ class QueueService:
         self.bulk = BulkActions(storage, notifier, clock, self.hub)
         self._counts: tuple[float, list[NameCounts]] | None = None
         self._counts_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def waiting(self) -> int:
@@ -246,6 +247,9 @@ class QueueService:
         now = self.clock.now()
         new = self._new_job(spec, now, new_job_id())
         if idempotency_key is None:
+            waiter = self.notifier.hand_over(spec.name) if new.available_at <= now else None
+            if waiter is not None:
+                return await self._hand_over(new, now, waiter), True
             job = await self.storage.enqueue(new, now)
         else:
             key = self._key(idempotency_key, [spec], now)
@@ -258,6 +262,36 @@ class QueueService:
         self.observer.enqueued(job.name, 1)
         self.hub.publish(job.id, job.name, "enqueued", job.state, now)
         return job, True
+
+    async def _hand_over(self, new: NewJob, now: datetime, waiter: Waiter) -> Job:
+        """Enqueue a job already leased to a poll that sleeps waiting for one of its name:
+        one write, and both answers leave at its commit, where enqueue-then-reserve
+        costs a second write and a wake-up in between. The producer gets the job as it
+        enqueued it; the events say it was enqueued, then leased. The write goes on if
+        the producer hangs up, so the poll always gets what was committed for it."""
+        handed = waiter.handed
+        assert handed is not None
+        worker_id, lease_ms = waiter.claim
+        expires = now + timedelta(milliseconds=lease_ms)
+        write = asyncio.ensure_future(self.storage.enqueue_leased(new, now, worker_id, expires))
+
+        def deliver(write: "asyncio.Future[Lease]") -> None:
+            if write.cancelled() or write.exception() is not None:
+                handed.set_result([])  # nothing was handed: the poll looks for itself
+                return
+            lease = write.result()
+            handed.set_result([lease])
+            self.observer.enqueued(new.name, 1)
+            self.observer.leased([lease], now)
+            self.hub.publish(new.id, new.name, "enqueued", "available", now)
+            self.hub.publish(new.id, new.name, "leased", "reserved", now)
+
+        write.add_done_callback(deliver)
+        await asyncio.shield(write)
+        return Job(
+            new.id, new.name, new.payload, 0, new.max_retries, new.created_at, new.available_at,
+            None, None, "available",
+        )  # fmt: skip
 
     async def enqueue_batch(
         self, specs: Sequence[JobSpec], idempotency_key: str | None = None
@@ -384,29 +418,48 @@ class QueueService:
         `gone` tells whether the client has hung up: jobs reserved for a client that left
         are given back at once instead of waiting for their lease to expire.
         """
+        deadline = asyncio.get_running_loop().time() + wait_ms / 1000
+        with self.notifier.waiter(dict.fromkeys(names)) as waiter:
+            waiter.claim = (worker_id, lease_ms)  # lets an enqueue hand its job over
+            try:
+                return await self._poll(waiter, max_jobs, lease_ms, deadline, gone)
+            finally:
+                if waiter.handed is not None:  # cancelled before it took its job
+                    waiter.handed.add_done_callback(self._give_back_later)
+
+    async def _poll(
+        self,
+        waiter: Waiter,
+        max_jobs: int,
+        lease_ms: int,
+        deadline: float,
+        gone: Callable[[], Awaitable[bool]] | None,
+    ) -> list[Lease]:
+        """Look, sleep until woken or handed a job, look again: until leases or the end."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_ms / 1000
-        names = tuple(dict.fromkeys(names))
-        notifier = self.notifier
-        with notifier.waiter(names) as waiter:
-            woken = False
-            while True:
-                chained = waiter.chained
-                waiter.arm()
-                leases: list[Lease] = []
-                if woken or notifier.may_be_ready(names):
-                    leases = await self._reserve(names, worker_id, max_jobs, lease_ms)
-                    if leases and chained:  # woken without a count: there may be more
-                        notifier.chain(dict.fromkeys(lease.job.name for lease in leases))
-                # Only a poll that has waited can have lost its client in the meantime.
-                if waiter.admitted and gone is not None and await gone():
-                    await self._give_back(leases)
-                    return []
-                remaining = deadline - loop.time()
-                if leases or remaining <= 0 or self.stopping:
-                    return leases
-                notifier.parked(waiter)
-                woken = await self._wait(waiter, remaining)
+        notifier, names, (worker_id, _) = self.notifier, waiter.names, waiter.claim
+        woken = False
+        handed: list[Lease] = []
+        while True:
+            chained = waiter.chained
+            waiter.arm()
+            leases = handed
+            if not leases and (woken or notifier.may_be_ready(names)):
+                leases = await self._reserve(names, worker_id, max_jobs, lease_ms)
+                if leases and chained:  # woken without a count: there may be more
+                    notifier.chain(dict.fromkeys(lease.job.name for lease in leases))
+            # Only a poll that has waited can have lost its client in the meantime.
+            if waiter.admitted and gone is not None and await gone():
+                await self._give_back(leases)
+                return []
+            remaining = deadline - loop.time()
+            if leases or remaining <= 0 or self.stopping:
+                return leases
+            notifier.parked(waiter)
+            woken = await self._wait(waiter, remaining)
+            if waiter.handed is not None:
+                handed = await self._handed(waiter)
+                woken = False  # woken for a hand-off, not by news: if it failed, sleep on
 
     async def _reserve(
         self, names: tuple[str, ...], worker_id: str, max_jobs: int, lease_ms: int
@@ -424,6 +477,21 @@ class QueueService:
             for lease in leases:
                 self.hub.publish(lease.job.id, lease.job.name, "leased", "reserved", now)
         return leases
+
+    async def _handed(self, waiter: Waiter) -> list[Lease]:
+        """The job an enqueue handed to this poll while it slept, once committed (none if
+        that enqueue failed)."""
+        assert waiter.handed is not None
+        leases: list[Lease] = await asyncio.shield(waiter.handed)
+        waiter.handed = None
+        return leases
+
+    def _give_back_later(self, future: "asyncio.Future[list[Lease]]") -> None:
+        """A poll that ended before taking the job handed to it gives it back."""
+        if not future.cancelled() and future.exception() is None and future.result():
+            task = asyncio.get_running_loop().create_task(self._give_back(future.result()))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _wait(self, waiter: Waiter, seconds: float) -> bool:
         """Sleep in a long poll; True if woken. Waiters are bounded: past the cap a new poll

@@ -123,6 +123,16 @@ def new_job(job: NewJob, now: datetime) -> Job:
     )  # fmt: skip
 
 
+def handed_lease(job: NewJob, now: datetime, worker_id: str, expires_at: datetime) -> Lease:
+    """The lease an insert of `job` already reserved at `now` makes (its first: attempt
+    and lease sequence 1), without reading it back."""
+    reserved = Job(
+        job.id, job.name, job.payload, 1, job.max_retries, job.created_at, job.available_at,
+        now, worker_id, "reserved",
+    )  # fmt: skip
+    return Lease(f"{job.id}.1", expires_at, reserved)
+
+
 def leases_from(rows: Sequence[Sequence[Any]], expires_at: datetime) -> list[Lease]:
     """Leases from reserve's RETURNING rows (JOB_COLUMNS then lease_id). RETURNING order is
     unspecified: hand leases out oldest first, as they were picked."""
@@ -194,6 +204,13 @@ class SqlStorage:
 
     async def enqueue(self, job: NewJob, now: datetime) -> Job:
         result: Job = await self._writer.submit("enqueue", (job, now))
+        return result
+
+    async def enqueue_leased(
+        self, job: NewJob, now: datetime, worker_id: str, expires_at: datetime
+    ) -> Lease:
+        arg = (job, now, worker_id, expires_at)
+        result: Lease = await self._writer.submit("enqueue_leased", arg)
         return result
 
     async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:

@@ -46,6 +46,7 @@ from app.storage.common import (
     PRUNED,
     SUCCEEDED_COLUMNS,
     SqlStorage,
+    handed_lease,
     job_from,
     leases_from,
     new_job,
@@ -93,6 +94,13 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6
 # trip instead of four (BEGIN, INSERT, NOTIFY, COMMIT), each of which pays for waking the
 # database's process when the server has been idle. The NOTIFY goes out at its commit.
 ENQUEUE_ONE = f"WITH inserted AS ({INSERT_JOBS}) SELECT pg_notify($7, $8)"
+# A job handed straight to a waiting poll: inserted already reserved, with its first lease
+# (no NOTIFY: nobody else can take it).
+INSERT_LEASED = (
+    "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
+    "lease_seq, reserved_at, reserved_by, lease_id, lease_expires_at) "
+    "VALUES ($1, $2, $3, 1, $4, $5, $6, 1, $7, $8, $9, $10)"
+)
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
 SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = $1"
 SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = $1"
@@ -259,6 +267,24 @@ def _row(job: NewJob) -> tuple[Any, ...]:
 async def enqueue(conn: Conn, group: Group, items: list[tuple[NewJob, datetime]]) -> list[Job]:
     await _insert_jobs(conn, group, [job for job, _ in items])
     return [new_job(job, now) for job, now in items]
+
+
+async def enqueue_leased(
+    conn: Conn, group: Group, items: list[tuple[NewJob, datetime, str, datetime]]
+) -> list[Lease]:
+    leases, rows = [], []
+    for job, now, worker, expires in items:
+        lease = handed_lease(job, now, worker, expires)
+        leases.append(lease)
+        rows.append(
+            (job.id, job.name, job.payload, job.max_retries, job.created_at, job.available_at,
+             now, worker, lease.id, expires)
+        )  # fmt: skip
+    if len(rows) == 1:
+        await conn.execute(INSERT_LEASED, *rows[0])
+    else:
+        await conn.executemany(INSERT_LEASED, rows)
+    return leases
 
 
 async def enqueue_many(
@@ -491,11 +517,12 @@ async def probe(conn: Conn, group: Group, items: list[None]) -> list[None]:
 VOLATILE = frozenset({"reserve", "extend", "release", "probe"})
 
 # Kinds whose handler sends exactly one statement for one item and announces nothing.
-ONE_STATEMENT = frozenset({"reserve", "ack", "extend"})
+ONE_STATEMENT = frozenset({"reserve", "ack", "extend", "enqueue_leased"})
 
 Handler = Callable[[Conn, Group, list[Any]], Awaitable[list[Any]]]
 HANDLERS: dict[str, Handler] = {
     "enqueue": enqueue,
+    "enqueue_leased": enqueue_leased,
     "enqueue_many": enqueue_many,
     "enqueue_once": enqueue_once,
     "enqueue_many_once": enqueue_many_once,

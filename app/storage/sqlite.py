@@ -48,6 +48,7 @@ from app.storage.common import (
     SUCCEEDED_COLUMNS,
     SqlStorage,
     epoch_minute,
+    handed_lease,
     job_from,
     leases_from,
     new_job,
@@ -93,6 +94,12 @@ def _times(row: sqlite3.Row | tuple[Any, ...], *at: int) -> list[Any]:
 INSERT_JOB = (
     "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
     "lease_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A job handed straight to a waiting poll: inserted already reserved, with its first lease.
+INSERT_LEASED = (
+    "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
+    "lease_seq, reserved_at, reserved_by, lease_id, lease_expires_at) "
+    "VALUES (?, ?, ?, 1, ?, ?, ?, 1, ?, ?, ?, ?)"
 )
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
 SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = ?"
@@ -267,6 +274,22 @@ def enqueue(
 ) -> list[Job]:
     _insert_jobs(conn, [job for job, _ in items], tally)
     return [new_job(job, now) for job, now in items]
+
+
+def enqueue_leased(
+    conn: sqlite3.Connection, items: list[tuple[NewJob, datetime, str, datetime]], tally: Tally
+) -> list[Lease]:
+    leases, rows = [], []
+    for job, now, worker, expires in items:
+        lease = handed_lease(job, now, worker, expires)
+        leases.append(lease)
+        tally.move(job.name, None, RESERVED)
+        rows.append(
+            (job.id, job.name, job.payload, job.max_retries, ts(job.created_at),
+             ts(job.available_at), ts(now), worker, lease.id, ts(expires))
+        )  # fmt: skip
+    conn.executemany(INSERT_LEASED, rows)
+    return leases
 
 
 def enqueue_many(
@@ -549,6 +572,7 @@ OFF_LOOP = frozenset({"prune"})
 
 HANDLERS: dict[str, Callable[[sqlite3.Connection, list[Any], Tally], list[Any]]] = {
     "enqueue": enqueue,
+    "enqueue_leased": enqueue_leased,
     "enqueue_many": enqueue_many,
     "enqueue_once": enqueue_once,
     "enqueue_many_once": enqueue_many_once,
