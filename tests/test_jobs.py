@@ -213,3 +213,38 @@ async def test_timestamps_are_utc(client: httpx.AsyncClient) -> None:
     assert (
         before - timedelta(seconds=5) <= parse(job["created_at"]) <= before + timedelta(seconds=5)
     )
+
+
+async def test_a_reserved_job_shows_when_its_lease_runs_out_on_every_rendering(
+    client: httpx.AsyncClient,
+) -> None:
+    """`lease_expires_at` follows the lease: granted, extended, given back; null unless
+    reserved. The lease's own rendering of the job agrees with the job's."""
+    job = await enqueue(client, name="a")
+    assert job["lease_expires_at"] is None
+    [granted] = await lease(client, ["a"], lease_ms=60_000)
+    assert granted["job"]["lease_expires_at"] == granted["expires_at"]
+    assert parse(granted["expires_at"]) - parse(granted["job"]["reserved_at"]) == timedelta(
+        seconds=60
+    )
+
+    async def rendered() -> list[str | None]:
+        one = (await client.get(f"/jobs/{job['id']}")).json()
+        listed = (await client.get("/jobs?state=reserved&name=a")).json()["items"]
+        return [one["lease_expires_at"], *(item["lease_expires_at"] for item in listed)]
+
+    assert await rendered() == [granted["expires_at"]] * 2
+    extended = await client.post(f"/leases/{granted['id']}/extend", json={"lease_ms": 120_000})
+    assert extended.status_code == 200, extended.text
+    later = extended.json()["expires_at"]
+    assert parse(later) > parse(granted["expires_at"])
+    assert await rendered() == [later] * 2
+    released = await client.delete(f"/leases/{granted['id']}")
+    assert released.status_code == 204, released.text
+    assert (await client.get(f"/jobs/{job['id']}")).json()["lease_expires_at"] is None
+    [again] = await lease(client, ["a"])
+    failed = await client.post(
+        f"/leases/{again['id']}/fail", json={"exception": "boom", "retry_in_ms": 60_000}
+    )
+    assert failed.status_code == 200, failed.text
+    assert failed.json()["job"]["lease_expires_at"] is None  # retrying: pending again

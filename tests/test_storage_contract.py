@@ -309,6 +309,7 @@ async def test_reserve_sets_the_lease_fields(storage: Storage) -> None:
         reserved_at=now,
         reserved_by="worker-7",
         state="reserved",
+        lease_expires_at=expires,
     )
     assert await storage.get(job.id, now) == lease.job
     assert await storage.lease_position(job.id) == LeasePosition(

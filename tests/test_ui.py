@@ -346,13 +346,16 @@ async def test_payload_exception_and_worker_id_render_as_text(
     page.on("dialog", dismiss)
     failed = await live.failed("xss", XSS, XSS + "\nsecond line")
     reserved = await live.enqueue("xss", XSS)
-    await live.lease("xss", worker=XSS)
+    held = await live.lease("xss", worker=XSS)
 
     await page.goto(f"{live.url}/ui#/job/{failed}")
     await expect(page.locator("pre.payload")).to_have_text(XSS)
     await expect(page.locator("pre.exception")).to_have_text(XSS + "\nsecond line")
     await page.goto(f"{live.url}/ui#/job/{reserved['id']}")
     await expect(page.locator(".fields .worker")).to_have_text(XSS)
+    # A reserved job shows when its lease runs out, exact in UTC on hover.
+    expiry = page.locator(".field", has=page.locator("dt", has_text="Lease expires"))
+    await expect(expiry.locator("time")).to_have_attribute("datetime", held["expires_at"])
     await shoot(page, tmp_path, "xss-detail")
     await page.goto(f"{live.url}/ui#/jobs/reserved")
     await expect(page.locator("td.worker")).to_have_text(XSS)

@@ -32,6 +32,8 @@ def job(found: AnyJob) -> dict[str, Any]:
         out["available_at"] = format_timestamp(found.available_at)
         out["reserved_at"] = None if reserved_at is None else format_timestamp(reserved_at)
         out["reserved_by"] = found.reserved_by
+        expires = found.lease_expires_at
+        out["lease_expires_at"] = None if expires is None else format_timestamp(expires)
     elif isinstance(found, SucceededJob):
         out["created_at"] = format_timestamp(found.created_at)
         out["available_at"] = format_timestamp(found.available_at)

@@ -418,6 +418,7 @@ class JobOut(BaseModel):
                     "available_at": EXAMPLE_TIME,
                     "reserved_at": None,
                     "reserved_by": None,
+                    "lease_expires_at": None,
                     "state": "available",
                 }
             ]
@@ -431,8 +432,12 @@ class JobOut(BaseModel):
     max_retries: int
     created_at: Timestamp
     available_at: Timestamp
-    reserved_at: Timestamp | None
-    reserved_by: str | None
+    reserved_at: Timestamp | None = Field(description="When the current lease was granted.")
+    reserved_by: str | None = Field(description="The worker holding the current lease.")
+    lease_expires_at: Timestamp | None = Field(
+        description="While reserved: when the lease runs out unless extended (the job then "
+        "counts as failed by its worker and retries or fails); null otherwise."
+    )
     state: Literal["available", "scheduled", "reserved"]
 
 

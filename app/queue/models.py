@@ -39,6 +39,7 @@ class Job:
     reserved_at: datetime | None
     reserved_by: str | None
     state: PendingState
+    lease_expires_at: datetime | None = None  # while reserved: when the lease runs out
 
 
 @dataclass(slots=True)

@@ -419,7 +419,8 @@ async def fail(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> list[F
         if retry_at is not None:
             await conn.execute(REQUEUE, retry_at, job_id)
             group.announce(name, retry_at)
-            job = [job_id, name, payload, attempts, max_retries, created, retry_at, None, None]
+            job = [job_id, name, payload, attempts, max_retries, created, retry_at]
+            job += [None, None, None]  # no longer reserved
             results.append(Retrying(job_from(job, now), leased))
             continue
         await conn.execute(DELETE_JOB, job_id)

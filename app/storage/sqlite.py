@@ -305,7 +305,7 @@ def enqueue_many(
 def _get(conn: sqlite3.Connection, job_id: str, now: datetime) -> AnyJob | None:
     row = conn.execute(SELECT_JOB, (job_id,)).fetchone()
     if row is not None:
-        return job_from(_times(row, 5, 6, 7), now)
+        return job_from(_times(row, 5, 6, 7, 9), now)
     row = conn.execute(SELECT_SUCCEEDED, (job_id,)).fetchone()
     if row is not None:
         return SucceededJob(*_times(row, 4, 5, 6))
@@ -385,7 +385,7 @@ def reserve(
         # A reserved job was due by now: its minute is never read again (see DueCountRow).
         for row in rows:
             tally.move(row[1], PENDING, RESERVED)
-        results.append(leases_from([_times(row, 5, 6, 7) for row in rows], expires_at))
+        results.append(leases_from([_times(row, 5, 6, 7, 9) for row in rows], expires_at))
     return results
 
 
@@ -450,7 +450,8 @@ def fail(
             conn.execute(REQUEUE, (ts(retry_at), job_id))
             tally.move(name, held(leased), PENDING)
             tally.due(name, retry_at, 1)
-            job = [job_id, name, payload, attempts, max_retries, dt(created), retry_at, None, None]
+            job = [job_id, name, payload, attempts, max_retries, dt(created), retry_at]
+            job += [None, None, None]  # no longer reserved
             results.append(Retrying(job_from(job, now), leased_at))
             continue
         conn.execute(DELETE_JOB, (job_id,))
@@ -488,7 +489,7 @@ def release(
         if row is None:
             results.append(None)
             continue
-        values = _times(row, 5, 6, 7)
+        values = _times(row, 5, 6, 7, 9)
         tally.move(values[1], RESERVED, PENDING)  # due already, as when it was reserved
         results.append(job_from(values, now))
     return results

@@ -29,6 +29,7 @@ class Job:
     available_at: datetime | None = None
     reserved_at: datetime | None = None
     reserved_by: str | None = None
+    lease_expires_at: datetime | None = None
     succeeded_at: datetime | None = None
     failed_at: datetime | None = None
     exception: str | None = None
@@ -46,6 +47,7 @@ class Job:
             available_at=timestamp(data.get("available_at")),
             reserved_at=timestamp(data.get("reserved_at")),
             reserved_by=data.get("reserved_by"),
+            lease_expires_at=timestamp(data.get("lease_expires_at")),
             succeeded_at=timestamp(data.get("succeeded_at")),
             failed_at=timestamp(data.get("failed_at")),
             exception=data.get("exception"),
