@@ -19,6 +19,7 @@ from app.api.observe import Observe
 from app.logs import ensure_logging
 from app.queue.clock import Clock, SystemClock
 from app.queue.notifier import Notifier
+from app.queue.relay import EventRelay
 from app.queue.service import Limits, QueueService, repeat
 from app.settings import Settings, server_info
 from app.shutdown import on_stop_signal
@@ -81,7 +82,16 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         service = QueueService(storage, notifier, clock, limits, observer=metrics)
         app.state.service = service
         metrics.waiting = lambda: service.waiting
-        await storage.listen(service.job_ready_elsewhere, notifier.wake_all)
+        relay = EventRelay(service.hub, storage.broadcast) if storage.shared else None
+
+        def gap() -> None:  # news from other replicas may have been lost
+            notifier.wake_all()
+            if relay is not None:
+                relay.gap()
+
+        await storage.listen(
+            service.job_ready_elsewhere, gap, relay.received if relay is not None else None
+        )
         maintenance = [
             asyncio.create_task(
                 repeat(settings.reaper_interval_ms / 1000, service.reap_expired, "reaping")
@@ -103,6 +113,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
                 task.cancel()
             await asyncio.gather(*maintenance, return_exceptions=True)
             notifier.close()
+            if relay is not None:
+                relay.close()
             await storage.close()
 
     app = FastAPI(

@@ -113,8 +113,13 @@ class EventStream(Response):
 
     def _frames(self, events: list[Event]) -> list[bytes]:
         if len(events) > COALESCE_ABOVE:
-            changes = Counter(e.data.get("change", e.kind) for e in events)
-            data = {"count": len(events), "changes": dict(changes)}
+            changes: Counter[str] = Counter()
+            for e in events:
+                if e.kind == "coalesced":  # a burst on another replica, already counted
+                    changes.update(e.data["changes"])
+                else:
+                    changes[e.data.get("change", e.kind)] += 1
+            data = {"count": sum(changes.values()), "changes": dict(changes)}
             return [frame("coalesced", data, self.hub.event_id(events[-1].seq))]
         return [frame(e.kind, e.data, self.hub.event_id(e.seq)) for e in events]
 
@@ -136,7 +141,8 @@ class EventStream(Response):
     responses={
         200: {
             "description": "`text/event-stream`. `event: job` per change (`data`: id, name, "
-            "change, state, at), `event: coalesced` (`count`, `changes`) for a burst, "
+            "change, state, at), `event: coalesced` (`count`, `changes`, and `name` when "
+            "the burst was relayed from another replica) for a burst, "
             "`event: stats` every 5 s (the totals of GET /stats), `event: reset` when a "
             "resumed stream missed more than the server kept: reload.",
             "content": {"text/event-stream": {"schema": {"type": "string"}, "example": EXAMPLE}},

@@ -13,6 +13,7 @@ import asyncio
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,7 +28,7 @@ MAX_BACKLOG = 5_000  # events one subscriber may have unsent before it is droppe
 @dataclass(slots=True)
 class Event:
     seq: int
-    kind: str  # "job" (a change), "reset"
+    kind: str  # "job" (a change), "coalesced" (a burst elsewhere, counted), "reset"
     data: dict[str, Any]
 
 
@@ -39,8 +40,8 @@ class Subscriber:
     dropped: bool = False
 
     def push(self, event: Event) -> None:
-        if self.dropped or (self.name is not None and event.data.get("name") != self.name):
-            return
+        if self.dropped or (self.name not in (None, event.data.get("name", self.name))):
+            return  # a reset (no name) goes to every stream
         if len(self.queue) >= MAX_BACKLOG:
             self.dropped = True  # a slow reader: let it go rather than buffer without limit
             self.queue.clear()
@@ -65,17 +66,55 @@ class EventHub:
         self.subscribers: set[Subscriber] = set()
         self.last_left = float("-inf")
         self.closed = asyncio.Event()
+        # Set by the relay while other replicas watch: every change goes to it as well.
+        self.forward: Callable[[str, str, str, str, datetime], None] | None = None
+        self.on_first_subscriber: Callable[[], None] | None = None
 
     def event_id(self, seq: int) -> str:
         return f"{self.epoch}-{seq}"
 
+    @property
+    def wanted(self) -> bool:
+        """Whether a change would reach anyone: a stream here, one that may resume, or
+        another replica's (a batch skips building its events when not)."""
+        if self.subscribers or self.forward is not None:
+            return True
+        return time.monotonic() - self.last_left <= RESUME_S
+
     def publish(self, job_id: str, name: str, change: str, state: str, at: datetime) -> None:
+        if self.forward is not None:  # other replicas watch (see relay)
+            self.forward(job_id, name, change, state, at)
+        if self._recording():
+            data = {"id": job_id, "name": name, "change": change, "state": state, "at": at}
+            self._add(Event(self.seq, "job", data))
+
+    def publish_remote(self, job_id: str, name: str, change: str, state: str, at: datetime) -> None:
+        """A change made on another replica: recorded here, never forwarded again."""
+        if self._recording():
+            data = {"id": job_id, "name": name, "change": change, "state": state, "at": at}
+            self._add(Event(self.seq, "job", data))
+
+    def publish_counts(self, name: str, changes: dict[str, int]) -> None:
+        """A burst on another replica, as counts of its changes (see relay)."""
+        if self._recording():
+            data = {"name": name, "count": sum(changes.values()), "changes": changes}
+            self._add(Event(self.seq, "coalesced", data))
+
+    def reset(self) -> None:
+        """Changes were lost: every stream tells its reader to reload."""
+        if self._recording():
+            self._add(Event(self.seq, "reset", {}))
+            self.unrecorded = self.seq  # nobody may resume from before the loss
+
+    def _recording(self) -> bool:
+        """Count the change; False if nobody listens or could resume (then it is gone)."""
         self.seq += 1
         if not self.subscribers and time.monotonic() - self.last_left > RESUME_S:
             self.unrecorded = self.seq
-            return
-        data = {"id": job_id, "name": name, "change": change, "state": state, "at": at}
-        event = Event(self.seq, "job", data)
+            return False
+        return True
+
+    def _add(self, event: Event) -> None:
         self.recent.append(event)
         for subscriber in self.subscribers:
             subscriber.push(event)
@@ -91,6 +130,8 @@ class EventHub:
             for event in self._missed(last_id):
                 subscriber.push(event)
         self.subscribers.add(subscriber)
+        if len(self.subscribers) == 1 and self.on_first_subscriber is not None:
+            self.on_first_subscriber()
         return subscriber
 
     def _missed(self, last_id: str) -> list[Event]:

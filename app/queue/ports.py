@@ -135,11 +135,21 @@ class Storage(Protocol):
 
     async def close(self) -> None: ...
 
+    shared: bool  # several server processes may use this database at once
+
     async def listen(
-        self, on_ready: Callable[[str, datetime], None], on_gap: Callable[[], None]
+        self,
+        on_ready: Callable[[str, datetime], None],
+        on_gap: Callable[[], None],
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
-        """Call `on_ready(name, available_at)` when another process makes a job ready, and
-        `on_gap()` when such news may have been missed (so every waiter should look)."""
+        """Call `on_ready(name, available_at)` when another process makes a job ready,
+        `on_event(message)` for each message `broadcast` by any process, and `on_gap()`
+        when either may have been missed (so every waiter should look)."""
+
+    async def broadcast(self, payloads: list[str]) -> None:
+        """Deliver each message to `on_event` in every process listening on this database,
+        in order (the event relay's link between replicas)."""
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the database answers."""

@@ -363,7 +363,7 @@ class QueueService:
             self.notifier.notify_at(name, due)
         for name, count in Counter(job.name for job in jobs).items():
             self.observer.enqueued(name, count)
-        if self.hub.subscribers:
+        if self.hub.wanted:
             for job in jobs:
                 state = "available" if job.available_at <= now else "scheduled"
                 self.hub.publish(job.id, job.name, "enqueued", state, now)

@@ -183,10 +183,19 @@ class SqlStorage:
         if self._write_failure is not None:
             await self._writer.submit("probe", None)
 
+    # Whether several server processes may share this database (replicas on PostgreSQL).
+    shared = False
+
     async def listen(
-        self, on_ready: Callable[[str, datetime], None], on_gap: Callable[[], None]
+        self,
+        on_ready: Callable[[str, datetime], None],
+        on_gap: Callable[[], None],
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         """One process, one notifier: nothing to listen to (PostgreSQL overrides this)."""
+
+    async def broadcast(self, payloads: list[str]) -> None:
+        """Send messages to every process on this database: none but this one here."""
 
     # -- the writer ---------------------------------------------------------------------
 

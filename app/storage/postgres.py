@@ -58,6 +58,7 @@ from app.storage.writer import Op, Writer, runs
 log = logging.getLogger("bgjobs.storage.postgres")
 
 CHANNEL = "bgjobs_ready"
+EVENTS_CHANNEL = "bgjobs_events"  # job changes for other replicas' event streams (relay)
 MIGRATION_LOCK = 0x6267_6A6F_6273  # "bgjobs": one replica migrates, the others wait for it
 KEEPALIVE_S = 5.0
 NO_LIMIT = 1 << 62
@@ -540,12 +541,17 @@ HANDLERS: dict[str, Handler] = {
 
 
 class PostgresStorage(SqlStorage):
+    shared = True
+
     def __init__(self, url: str, pool_size: int = 10) -> None:
         self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
         self._sender = os.urandom(6).hex()  # to skip this replica's own notifications
         self._listener: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set once LISTEN is up (tests wait for it)
+        # The LISTEN connection also sends the relay's messages; one statement at a time.
+        self._link: asyncpg.Connection | None = None
+        self._link_lock = asyncio.Lock()
         self._conns: dict[bool, Conn] = {}  # the writer's: durable (False), volatile (True)
         self._writer = Writer(self._apply)
 
@@ -619,12 +625,26 @@ class PostgresStorage(SqlStorage):
         return [f"{self._sender}|{at.isoformat()}|{name}" for name, at in group.ready.items()]
 
     async def listen(
-        self, on_ready: Callable[[str, datetime], None], on_gap: Callable[[], None]
+        self,
+        on_ready: Callable[[str, datetime], None],
+        on_gap: Callable[[], None],
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
-        self._listener = asyncio.create_task(self._listen_forever(on_ready, on_gap))
+        self._listener = asyncio.create_task(self._listen_forever(on_ready, on_gap, on_event))
+
+    async def broadcast(self, payloads: list[str]) -> None:
+        """NOTIFY on the events channel, from the LISTEN connection (not the writer's, so
+        a slow dashboard never delays a commit). Lost if that link is down right now."""
+        if self._link is None:
+            raise StorageUnavailable("the LISTEN connection is down")
+        async with self._link_lock:
+            await self._link.execute(NOTIFY, EVENTS_CHANNEL, payloads)
 
     async def _listen_forever(
-        self, on_ready: Callable[[str, datetime], None], on_gap: Callable[[], None]
+        self,
+        on_ready: Callable[[str, datetime], None],
+        on_gap: Callable[[], None],
+        on_event: Callable[[str], None] | None,
     ) -> None:
         """Hold one LISTEN connection; reconnect when it drops.
 
@@ -634,7 +654,7 @@ class PostgresStorage(SqlStorage):
         delay = 0.1
         while True:
             try:
-                async with self._listening(on_ready) as (conn, lost):
+                async with self._listening(on_ready, on_event) as (conn, lost):
                     delay = 0.1
                     on_gap()
                     self.listening.set()
@@ -642,7 +662,8 @@ class PostgresStorage(SqlStorage):
                         try:
                             await asyncio.wait_for(lost.wait(), KEEPALIVE_S)
                         except TimeoutError:  # quiet: make sure the link is still alive
-                            await asyncio.wait_for(conn.fetchval("SELECT 1"), KEEPALIVE_S)
+                            async with self._link_lock:
+                                await asyncio.wait_for(conn.fetchval("SELECT 1"), KEEPALIVE_S)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("LISTEN connection failed (%s); retrying in %.1f s", exc, delay)
             await asyncio.sleep(delay)
@@ -650,19 +671,29 @@ class PostgresStorage(SqlStorage):
 
     @asynccontextmanager
     async def _listening(
-        self, on_ready: Callable[[str, datetime], None]
+        self, on_ready: Callable[[str, datetime], None], on_event: Callable[[str], None] | None
     ) -> AsyncIterator[tuple[asyncpg.Connection, asyncio.Event]]:
         def received(_conn: object, _pid: int, _channel: str, payload: str) -> None:
             sender, at, name = payload.split("|", 2)
             if sender != self._sender:
                 on_ready(name, datetime.fromisoformat(at))
 
-        conn = await asyncpg.connect(self._dsn)
+        settings = {"application_name": "bgjobs listener"}  # to find it in pg_stat_activity
+        conn = await asyncpg.connect(self._dsn, server_settings=settings)
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
+
+        def event(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            assert on_event is not None
+            on_event(payload)
+
         try:
             await conn.add_listener(CHANNEL, received)
+            if on_event is not None:
+                await conn.add_listener(EVENTS_CHANNEL, event)
+            self._link = conn
             yield conn, lost
         finally:
+            self._link = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 2)
