@@ -200,6 +200,30 @@ async def test_pause_resume_and_a_lost_server_are_caught_up(page: Page, live: Li
     )
 
 
+async def test_a_burst_comes_coalesced_and_a_reset_reloads(page: Page, live: Live) -> None:
+    """Over 100 changes in one flush reach the page as one `coalesced` event, and its
+    counts follow with no reload. Resuming from an id the server no longer knows (it was
+    restarted) brings a `reset`, and the page reloads its data."""
+    status = page.locator("#live-status")
+    await page.goto(f"{live.url}/ui")
+    await expect(status).to_have_attribute("data-seen", re.compile(r"\bstats\b"))
+    await page.evaluate("window.noReload = true")
+    burst = await live.api.post(
+        "/jobs/batch", json={"jobs": [{"name": "burst", "payload": "x"}] * 500}
+    )
+    assert burst.status_code == 201, burst.text
+    await expect(status).to_have_attribute("data-seen", re.compile(r"\bcoalesced\b"))
+    await expect(cell(page, "burst", "available")).to_have_text("500")
+    assert not re.search(r"\breset\b", await status.get_attribute("data-seen") or "")
+
+    live.server.stop()
+    live.server.start()  # a new process: the page's last event id means nothing to it
+    await expect(status).to_have_attribute("data-seen", re.compile(r"\breset\b"))
+    await live.enqueue("after")
+    await expect(cell(page, "after", "available")).to_have_text("1")
+    assert await page.evaluate("window.noReload") is True  # data reloaded, not the page
+
+
 async def test_a_failed_job_found_opened_and_retried(
     page: Page, live: Live, tmp_path: Path
 ) -> None:

@@ -789,6 +789,10 @@ async function readEvents(body, handle) {
 
 function onEvent(event) {
   setLive("live · " + new Date().toLocaleTimeString());
+  // The kinds of event this page has handled, for anyone inspecting it (and the tests).
+  const status = byId("live-status");
+  const seen = new Set((status.dataset.seen || "").split(" ").filter(Boolean)).add(event.type);
+  status.dataset.seen = [...seen].sort().join(" ");
   if (event.type === "job" || event.type === "coalesced") scheduleRefresh();
   else if (event.type === "reset") {
     if (current) current.lastKey = null;
