@@ -1645,3 +1645,29 @@ async def test_names_of_finds_pending_and_finished_jobs(storage: Storage) -> Non
     assert "never-existed" not in names
     assert all(names[job.id] == job.name for job in many)
     assert await storage.names_of([]) == {}
+
+
+async def test_reserved_jobs_list_in_order_by_name_cursor_and_search(storage: Storage) -> None:
+    """The reserved listing reads reserved rows only (its own index) yet keeps the same
+    order, filters, cursor and bounded search as every other pending listing."""
+    for i in range(6):
+        name = "a" if i % 2 else "b"
+        await put(storage, new_job(name, job_id=f"j{i}", payload=f"p{i}", available_at=at(i)))
+    await reserve(storage, ["a", "b"], max_jobs=6, now=at(10))
+    for job_id, moment in (("early", at(0.5)), ("late", at(3.5))):  # not reserved
+        await put(storage, new_job("a", job_id=job_id, available_at=moment))
+
+    async def ids(query: PendingQuery) -> list[str]:
+        return [job.id for job in await storage.list_pending(query, at(20))]
+
+    assert await ids(pending(state="reserved")) == ["j0", "j1", "j2", "j3", "j4", "j5"]
+    assert await ids(pending(state="reserved", name="a")) == ["j1", "j3", "j5"]
+    after = PendingQuery("reserved", None, 2, (at(1), "j1"))
+    assert await ids(after) == ["j2", "j3"]
+    named_after = PendingQuery("reserved", "b", 10, (at(0), "j0"))
+    assert await ids(named_after) == ["j2", "j4"]
+    searched = PendingQuery("reserved", None, 10, None, q="p3")
+    assert await ids(searched) == ["j3"]
+    bounded = PendingQuery("reserved", None, 10, None, q="p", scan=2)
+    assert await ids(bounded) == ["j0", "j1"]
+    assert await storage.search_end("pending", bounded, at(20)) == (at(1), "j1")

@@ -127,6 +127,9 @@ def new_job(job: NewJob, now: datetime) -> Job:
     )  # fmt: skip
 
 
+Order = tuple[Any, Any]  # a listing's (time, id) keyset columns
+
+
 def handed_lease(job: NewJob, now: datetime, worker_id: str, expires_at: datetime) -> Lease:
     """The lease an insert of `job` already reserved at `now` makes (its first: attempt
     and lease sequence 1), without reading it back."""
@@ -395,26 +398,34 @@ class SqlStorage:
         return names
 
     async def list_pending(self, query: PendingQuery, now: datetime) -> list[Job]:
-        stmt = self._pending(query, now, jobs)
-        order = (jobs.c.available_at, jobs.c.id)
+        stmt, order = self._pending(query, now)
         async with self._read() as conn:
             rows = (await conn.execute(self._page_of(stmt, order, False, query))).mappings().all()
         columns = JOB_COLUMNS.split(", ")
         return [job_from([row[c] for c in columns], now) for row in rows]
 
-    def _pending(self, query: PendingQuery, now: datetime, *columns: Any) -> Select[Any]:
-        stmt = select(*columns)
+    def _pending(self, query: PendingQuery, now: datetime) -> tuple[Select[Any], Order]:
+        """Pending jobs of the query's state and name after its cursor, and the listing
+        order, (available_at, id). Reserved jobs are read through their own small partial
+        index (ix_jobs_lease_expiry) and sorted after: walking the listing order instead
+        reads past every unreserved job first (330 ms at 1,000,000 jobs on SQLite)."""
+        source: Any = jobs
         if query.state == "reserved":
-            stmt = stmt.where(jobs.c.reserved_at.is_not(None))
-        elif query.state == "available":
+            held = select(jobs).where(jobs.c.reserved_at.is_not(None))
+            if query.name is not None:
+                held = held.where(jobs.c.name == query.name)
+            source = held.cte("held").prefix_with("MATERIALIZED")
+        stmt = select(source)
+        if query.state == "available":
             stmt = stmt.where(jobs.c.reserved_at.is_(None), jobs.c.available_at <= now)
         elif query.state == "scheduled":
             stmt = stmt.where(jobs.c.reserved_at.is_(None), jobs.c.available_at > now)
-        if query.name is not None:
+        if query.name is not None and query.state != "reserved":
             stmt = stmt.where(jobs.c.name == query.name)
+        order = (source.c.available_at, source.c.id)
         if query.after is not None:
-            stmt = stmt.where(tuple_(jobs.c.available_at, jobs.c.id) > query.after)
-        return stmt
+            stmt = stmt.where(tuple_(*order) > query.after)
+        return stmt, order
 
     async def list_succeeded(self, query: HistoryQuery) -> list[SucceededJob]:
         rows = await self._history(succeeded, succeeded.c.succeeded_at, query)
@@ -474,8 +485,8 @@ class SqlStorage:
         """The key of the last row a search's scan read, when it read a full `scan`: where
         the next page's scan starts. None when the scan reached the end."""
         if kind == "pending":
-            order: tuple[Any, Any] = (jobs.c.available_at, jobs.c.id)
-            stmt = self._pending(query, now, *order)
+            rows, order = self._pending(query, now)
+            stmt = rows.with_only_columns(*order)
         else:
             table = succeeded if kind == "succeeded" else failed
             order = (table.c[f"{kind}_at"], table.c.id)
