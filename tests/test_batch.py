@@ -144,10 +144,11 @@ async def test_an_empty_or_too_large_batch_is_422(client: httpx.AsyncClient, cou
         (17, {"available_in_ms": -1}, "available_in_ms", "greater_than_equal"),
         (5, {"payload": None}, "payload", "missing"),
         (0, {"name": "no spaces"}, "name", "string_pattern_mismatch"),
-        (9, {"priority": 1}, "priority", "extra_forbidden"),
+        (9, {"queue": "q1"}, "queue", "extra_forbidden"),
         (19, {"max_retries": "3"}, "max_retries", "int_type"),
+        (3, {"priority": 10}, "priority", "less_than_equal"),
     ],
-    ids=["out-of-range", "missing", "bad-name", "unknown-field", "wrong-type"],
+    ids=["out-of-range", "missing", "bad-name", "unknown-field", "wrong-type", "bad-priority"],
 )
 async def test_an_invalid_item_is_a_422_naming_its_index_and_nothing_is_written(
     client: httpx.AsyncClient, index: int, change: dict[str, Any], field: str, kind: str

@@ -190,6 +190,7 @@ async def test_get_shows_succeeded_and_failed_jobs(client: httpx.AsyncClient) ->
         "created_at",
         "available_at",
         "succeeded_at",
+        "priority",
         "state",
     }
     dead = (await client.get(f"/jobs/{bad['id']}")).json()
@@ -203,6 +204,7 @@ async def test_get_shows_succeeded_and_failed_jobs(client: httpx.AsyncClient) ->
         "created_at",
         "available_at",
         "failed_at",
+        "priority",
         "state",
     }
 

@@ -118,6 +118,7 @@ async def enqueue_job(request: Request) -> Response:
         body.available_at,
         body.available_in_ms,
         idempotency_key(request),
+        body.priority,
     )
     return render.json(render.job(job), 201 if created else 200, Location=f"/jobs/{job.id}")
 
@@ -149,7 +150,7 @@ async def enqueue_jobs(request: Request) -> Response:
     body = await parse(request, EnqueueBatchRequest)
     service: QueueService = request.app.state.service
     specs = [
-        JobSpec(j.name, j.payload, j.max_retries, j.available_at, j.available_in_ms)
+        JobSpec(j.name, j.payload, j.max_retries, j.available_at, j.available_in_ms, j.priority)
         for j in body.jobs
     ]
     jobs, created = await service.enqueue_batch(specs, idempotency_key(request))

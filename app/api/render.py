@@ -44,6 +44,7 @@ def job(found: AnyJob) -> dict[str, Any]:
         out["created_at"] = format_timestamp(found.created_at)
         out["available_at"] = format_timestamp(found.available_at)
         out["failed_at"] = format_timestamp(found.failed_at)
+    out["priority"] = found.priority
     out["state"] = found.state
     return out
 

@@ -202,6 +202,7 @@ class EnqueueRequest(StrictBody):
                     "payload": "42",
                     "available_at": "2026-12-01T09:00:00Z",
                     "max_retries": 5,
+                    "priority": 1,
                 },
             ],
         }
@@ -217,6 +218,14 @@ class EnqueueRequest(StrictBody):
     )
     max_retries: Annotated[int, Integral] = strict_int(
         0, 100, default=3, description="Retries after the first run: at most 1 + max_retries runs."
+    )
+    priority: Annotated[int, Integral] = strict_int(
+        0,
+        9,
+        default=0,
+        description="0 to 9, lower runs first: among the ready jobs of the names a lease asks "
+        "for, the lowest priority goes first, then the oldest. Low priorities wait while "
+        "higher ones keep arriving.",
     )
 
     @model_validator(mode="after")
@@ -419,6 +428,7 @@ class JobOut(BaseModel):
                     "reserved_at": None,
                     "reserved_by": None,
                     "lease_expires_at": None,
+                    "priority": 0,
                     "state": "available",
                 }
             ]
@@ -438,6 +448,7 @@ class JobOut(BaseModel):
         description="While reserved: when the lease runs out unless extended (the job then "
         "counts as failed by its worker and retries or fails); null otherwise."
     )
+    priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
     state: Literal["available", "scheduled", "reserved"]
 
 
@@ -454,6 +465,7 @@ class SucceededJobOut(BaseModel):
                     "created_at": EXAMPLE_TIME,
                     "available_at": EXAMPLE_TIME,
                     "succeeded_at": EXAMPLE_TIME,
+                    "priority": 0,
                     "state": "succeeded",
                 }
             ]
@@ -467,6 +479,7 @@ class SucceededJobOut(BaseModel):
     created_at: Timestamp
     available_at: Timestamp
     succeeded_at: Timestamp
+    priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
     state: Literal["succeeded"] = "succeeded"
 
 
@@ -484,6 +497,7 @@ class FailedJobOut(BaseModel):
                     "created_at": EXAMPLE_TIME,
                     "available_at": EXAMPLE_TIME,
                     "failed_at": EXAMPLE_TIME,
+                    "priority": 0,
                     "state": "failed",
                 }
             ]
@@ -498,6 +512,7 @@ class FailedJobOut(BaseModel):
     created_at: Timestamp
     available_at: Timestamp
     failed_at: Timestamp
+    priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
     state: Literal["failed"] = "failed"
 
 

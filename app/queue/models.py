@@ -40,6 +40,7 @@ class Job:
     reserved_by: str | None
     state: PendingState
     lease_expires_at: datetime | None = None  # while reserved: when the lease runs out
+    priority: int = 0  # 0-9, lower runs first
 
 
 @dataclass(slots=True)
@@ -51,6 +52,7 @@ class SucceededJob:
     created_at: datetime
     available_at: datetime
     succeeded_at: datetime
+    priority: int = 0
     state: Literal["succeeded"] = "succeeded"
     # When the lease that acked it began: for metrics, not part of the job's value.
     leased_at: datetime | None = field(default=None, compare=False)
@@ -66,6 +68,7 @@ class FailedJob:
     created_at: datetime
     available_at: datetime
     failed_at: datetime
+    priority: int = 0
     state: Literal["failed"] = "failed"
 
 
@@ -82,6 +85,7 @@ class NewJob:
     max_retries: int
     created_at: datetime
     available_at: datetime
+    priority: int = 0
 
 
 @dataclass(slots=True)

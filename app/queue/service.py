@@ -154,6 +154,7 @@ class JobSpec:
     max_retries: int
     available_at: datetime | None = None
     available_in_ms: int | None = None
+    priority: int = 0  # 0-9, lower runs first
 
 
 def new_job_ids(count: int) -> list[str]:
@@ -236,13 +237,14 @@ class QueueService:
         available_at: datetime | None = None,
         available_in_ms: int | None = None,
         idempotency_key: str | None = None,
+        priority: int = 0,
     ) -> tuple[AnyJob, bool]:
         """bg_jobs' JobAvailability: now (both None), at a time, or in N milliseconds.
 
         Returns the job and whether this call created it: with an idempotency key seen
         within the window, the first request's job comes back instead of a new one.
         """
-        spec = JobSpec(name, payload, max_retries, available_at, available_in_ms)
+        spec = JobSpec(name, payload, max_retries, available_at, available_in_ms, priority)
         self._check_size(spec.payload, "payload")
         now = self.clock.now()
         new = self._new_job(spec, now, new_job_id())
@@ -290,7 +292,7 @@ class QueueService:
         await asyncio.shield(write)
         return Job(
             new.id, new.name, new.payload, 0, new.max_retries, new.created_at, new.available_at,
-            None, None, "available",
+            None, None, "available", None, new.priority,
         )  # fmt: skip
 
     async def enqueue_batch(
@@ -332,15 +334,21 @@ class QueueService:
         at = spec.available_at or (
             now + timedelta(milliseconds=spec.available_in_ms) if spec.available_in_ms else now
         )
-        return NewJob(job_id, spec.name, spec.payload, spec.max_retries, now, at)
+        return NewJob(job_id, spec.name, spec.payload, spec.max_retries, now, at, spec.priority)
 
     def _key(self, key: str, specs: Sequence[JobSpec], now: datetime) -> IdempotencyKey:
         """The key, a fingerprint of the request it was first used for, and its window."""
         request = [
-            [s.name, s.payload, s.available_at and s.available_at.isoformat(),
-             s.available_in_ms, s.max_retries]
+            [
+                s.name,
+                s.payload,
+                s.available_at and s.available_at.isoformat(),
+                s.available_in_ms,
+                s.max_retries,
+            ]
+            + ([s.priority] if s.priority else [])
             for s in specs
-        ]  # fmt: skip
+        ]  # fmt: skip  (priority only when set: keys from before it keep their fingerprint)
         body = json.dumps(request[0] if len(request) == 1 else request)
         return IdempotencyKey(
             key,

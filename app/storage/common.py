@@ -76,10 +76,12 @@ def epoch_minute(moment: datetime) -> int:
 # Column lists of the hand-written statements, in the order the builders below read them.
 JOB_COLUMNS = (
     "id, name, payload, attempts, max_retries, created_at, available_at, reserved_at, "
-    "reserved_by, lease_expires_at"
+    "reserved_by, lease_expires_at, priority"
 )
-SUCCEEDED_COLUMNS = "id, name, payload, attempts, created_at, available_at, succeeded_at"
-FAILED_COLUMNS = "id, name, payload, attempts, exception, created_at, available_at, failed_at"
+SUCCEEDED_COLUMNS = "id, name, payload, attempts, created_at, available_at, succeeded_at, priority"
+FAILED_COLUMNS = (
+    "id, name, payload, attempts, exception, created_at, available_at, failed_at, priority"
+)
 
 # The tables a prune kind deletes from: (table, key column, time column).
 PRUNED: dict[str, tuple[str, str, str]] = {
@@ -110,11 +112,11 @@ def per_minute(finished: Iterable[tuple[str, datetime]]) -> Counter[tuple[str, d
 
 def job_from(row: Sequence[Any], now: datetime) -> Job:
     """A Job from the JOB_COLUMNS of a row (times already converted)."""
-    id_, name, payload, attempts, max_retries, created, available, reserved, by, expires = row[:10]
+    id_, name, payload, attempts, max_retries, created, available, reserved, by = row[:9]
     state = pending_state(available, reserved, now)
     return Job(
         id_, name, payload, attempts, max_retries, created, available, reserved, by, state,
-        expires,
+        row[9], row[10],
     )  # fmt: skip
 
 
@@ -123,7 +125,7 @@ def new_job(job: NewJob, now: datetime) -> Job:
     state = pending_state(job.available_at, None, now)
     return Job(
         job.id, job.name, job.payload, 0, job.max_retries, job.created_at, job.available_at,
-        None, None, state,
+        None, None, state, None, job.priority,
     )  # fmt: skip
 
 
@@ -135,16 +137,16 @@ def handed_lease(job: NewJob, now: datetime, worker_id: str, expires_at: datetim
     and lease sequence 1), without reading it back."""
     reserved = Job(
         job.id, job.name, job.payload, 1, job.max_retries, job.created_at, job.available_at,
-        now, worker_id, "reserved", expires_at,
+        now, worker_id, "reserved", expires_at, job.priority,
     )  # fmt: skip
     return Lease(f"{job.id}.1", expires_at, reserved)
 
 
 def leases_from(rows: Sequence[Sequence[Any]], expires_at: datetime) -> list[Lease]:
     """Leases from reserve's RETURNING rows (JOB_COLUMNS then lease_id). RETURNING order is
-    unspecified: hand leases out oldest first, as they were picked."""
-    ordered = sorted(rows, key=lambda row: (row[6], row[0]))
-    return [Lease(row[10], expires_at, job_from(row, expires_at)) for row in ordered]
+    unspecified: hand leases out in the order they were picked (priority, then oldest)."""
+    ordered = sorted(rows, key=lambda row: (row[10], row[6], row[0]))
+    return [Lease(row[11], expires_at, job_from(row, expires_at)) for row in ordered]
 
 
 def is_outage(exc: BaseException) -> bool:

@@ -82,25 +82,26 @@ OUTAGES: tuple[type[BaseException], ...] = (
 
 INSERT_JOB = (
     "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
-    "lease_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    "lease_seq, priority) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 )
 # Many jobs in one statement: asyncpg encodes each column as one array, in C.
 INSERT_JOBS = """
-INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, lease_seq)
-SELECT id, name, payload, 0, max_retries, created_at, available_at, 0
-FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::timestamptz[])
-    AS t(id, name, payload, max_retries, created_at, available_at)
+INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, lease_seq,
+    priority)
+SELECT id, name, payload, 0, max_retries, created_at, available_at, 0, priority
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::timestamptz[],
+    $7::smallint[]) AS t(id, name, payload, max_retries, created_at, available_at, priority)
 """
 # A lone enqueue, and its announcement, in one statement: atomic by itself, so one round
 # trip instead of four (BEGIN, INSERT, NOTIFY, COMMIT), each of which pays for waking the
 # database's process when the server has been idle. The NOTIFY goes out at its commit.
-ENQUEUE_ONE = f"WITH inserted AS ({INSERT_JOBS}) SELECT pg_notify($7, $8)"
+ENQUEUE_ONE = f"WITH inserted AS ({INSERT_JOBS}) SELECT pg_notify($8, $9)"
 # A job handed straight to a waiting poll: inserted already reserved, with its first lease
 # (no NOTIFY: nobody else can take it).
 INSERT_LEASED = (
     "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
-    "lease_seq, reserved_at, reserved_by, lease_id, lease_expires_at) "
-    "VALUES ($1, $2, $3, 1, $4, $5, $6, 1, $7, $8, $9, $10)"
+    "lease_seq, reserved_at, reserved_by, lease_id, lease_expires_at, priority) "
+    "VALUES ($1, $2, $3, 1, $4, $5, $6, 1, $7, $8, $9, $10, $11)"
 )
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
 SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = $1"
@@ -122,19 +123,19 @@ ONE_NAME = "jobs.name >= n.name AND jobs.name <= n.name"
 # unlocked at commit, a moment later.
 RESERVE = f"""
 WITH candidates AS (
-    SELECT c.id, c.available_at, c.size
+    SELECT c.id, c.priority, c.available_at, c.size
     FROM unnest($1::text[]) AS n(name)
     CROSS JOIN LATERAL (
-        SELECT id, available_at, octet_length(payload) AS size FROM jobs
+        SELECT id, priority, available_at, octet_length(payload) AS size FROM jobs
         WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
-        ORDER BY jobs.name, available_at, id LIMIT $3
+        ORDER BY jobs.name, priority, available_at, id LIMIT $3
         FOR UPDATE SKIP LOCKED
     ) AS c
 ), picked AS MATERIALIZED (
     SELECT id FROM (
         SELECT id, row_number() OVER w AS n, sum(size) OVER w AS total
-        FROM (SELECT * FROM candidates ORDER BY available_at, id LIMIT $3) AS oldest
-        WINDOW w AS (ORDER BY available_at, id ROWS UNBOUNDED PRECEDING)
+        FROM (SELECT * FROM candidates ORDER BY priority, available_at, id LIMIT $3) AS first
+        WINDOW w AS (ORDER BY priority, available_at, id ROWS UNBOUNDED PRECEDING)
     ) AS sized
     WHERE n = 1 OR total <= $4
 )
@@ -156,7 +157,7 @@ WHERE id = (
     SELECT c.id FROM unnest($1::text[]) AS n(name) CROSS JOIN LATERAL (
         SELECT id FROM jobs
         WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
-        ORDER BY jobs.name, available_at, id LIMIT 1
+        ORDER BY jobs.name, priority, available_at, id LIMIT 1
         FOR UPDATE SKIP LOCKED
     ) AS c
 ) AND reserved_at IS NULL
@@ -170,11 +171,12 @@ WITH done AS (
     DELETE FROM jobs USING unnest($1::text[], $2::text[], $3::timestamptz[]) AS t(id, lease_id, at)
     WHERE jobs.id = t.id AND jobs.lease_id = t.lease_id
     RETURNING jobs.id, jobs.lease_id, jobs.name, jobs.payload, jobs.attempts, jobs.lease_seq,
-        jobs.created_at, jobs.available_at, t.at, jobs.reserved_at
+        jobs.created_at, jobs.available_at, t.at, jobs.reserved_at, jobs.priority
 ), moved AS (
     INSERT INTO succeeded_jobs (id, name, payload, attempts, lease_seq, created_at,
-        available_at, succeeded_at)
-    SELECT id, name, payload, attempts, lease_seq, created_at, available_at, at FROM done
+        available_at, succeeded_at, priority)
+    SELECT id, name, payload, attempts, lease_seq, created_at, available_at, at, priority
+    FROM done
 ), counted AS (
     INSERT INTO finished_per_minute AS f (name, minute, shard, succeeded, failed)
     SELECT name, date_trunc('minute', at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
@@ -182,7 +184,8 @@ WITH done AS (
     FROM done GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (name, minute, shard) DO UPDATE SET succeeded = f.succeeded + excluded.succeeded
 )
-SELECT id, lease_id, name, payload, attempts, created_at, available_at, at, reserved_at
+SELECT id, lease_id, name, payload, attempts, created_at, available_at, at, reserved_at,
+    priority
 FROM done
 """
 # Per-minute counts of jobs finally failed, added at the end of the transaction that
@@ -196,7 +199,7 @@ ON CONFLICT (name, minute, shard) DO UPDATE SET failed = f.failed + excluded.fai
 """
 HELD = (
     "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq, "
-    "reserved_at FROM jobs WHERE id = $1 AND lease_id = $2"
+    "reserved_at, priority FROM jobs WHERE id = $1 AND lease_id = $2"
 )
 HELD_FOR_FAIL = HELD + " FOR UPDATE"
 HELD_EXPIRED = HELD + " AND reserved_at IS NOT NULL AND lease_expires_at <= $3 FOR UPDATE"
@@ -207,7 +210,8 @@ REQUEUE = (
 DELETE_JOB = "DELETE FROM jobs WHERE id = $1"
 INSERT_FAILED = (
     "INSERT INTO failed_jobs (id, name, payload, attempts, max_retries, lease_seq, exception, "
-    "created_at, available_at, failed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    "created_at, available_at, failed_at, priority) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 )
 EXTEND = (
     "UPDATE jobs SET lease_expires_at = $1 "
@@ -226,7 +230,7 @@ DELETE_FINISHED = {
 }
 TAKE_FAILED = (
     "DELETE FROM failed_jobs WHERE id = $1 "
-    "RETURNING id, name, payload, max_retries, created_at, lease_seq"
+    "RETURNING id, name, payload, max_retries, created_at, lease_seq, priority"
 )
 KEY_TABLES = {False: ("idempotency_keys", "job_id"), True: ("batch_idempotency_keys", "job_ids")}
 NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
@@ -253,7 +257,7 @@ Conn: TypeAlias = Any  # an asyncpg.Connection (asyncpg ships no type hints)
 
 
 async def _insert_jobs(conn: Conn, group: Group, jobs: list[NewJob]) -> None:
-    columns: tuple[list[Any], ...] = tuple([] for _ in range(6))
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(7))
     for job in jobs:
         for column, value in zip(columns, _row(job), strict=True):
             column.append(value)
@@ -262,7 +266,10 @@ async def _insert_jobs(conn: Conn, group: Group, jobs: list[NewJob]) -> None:
 
 
 def _row(job: NewJob) -> tuple[Any, ...]:
-    return job.id, job.name, job.payload, job.max_retries, job.created_at, job.available_at
+    return (
+        job.id, job.name, job.payload, job.max_retries, job.created_at, job.available_at,
+        job.priority,
+    )  # fmt: skip
 
 
 async def enqueue(conn: Conn, group: Group, items: list[tuple[NewJob, datetime]]) -> list[Job]:
@@ -279,7 +286,7 @@ async def enqueue_leased(
         leases.append(lease)
         rows.append(
             (job.id, job.name, job.payload, job.max_retries, job.created_at, job.available_at,
-             now, worker, lease.id, expires)
+             now, worker, lease.id, expires, job.priority)
         )  # fmt: skip
     if len(rows) == 1:
         await conn.execute(INSERT_LEASED, *rows[0])
@@ -398,8 +405,8 @@ async def ack(
         if row is None:
             results.append(None)
             continue
-        id_, _, name, payload, attempts, created_at, available_at, at, leased_at = row
-        done = SucceededJob(id_, name, payload, attempts, created_at, available_at, at)
+        id_, _, name, payload, attempts, created_at, available_at, at, leased_at, rank = row
+        done = SucceededJob(id_, name, payload, attempts, created_at, available_at, at, rank)
         done.leased_at = leased_at
         results.append(done)
     return results
@@ -415,20 +422,23 @@ async def fail(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> list[F
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, attempts, max_retries, created, available, lease_seq, leased = row
+        job_id, name, payload, attempts, max_retries, created, available, lease_seq = row[:8]
+        leased, rank = row[8], row[9]
         retry_at = decide(attempts, max_retries)
         if retry_at is not None:
             await conn.execute(REQUEUE, retry_at, job_id)
             group.announce(name, retry_at)
             job = [job_id, name, payload, attempts, max_retries, created, retry_at]
-            job += [None, None, None]  # no longer reserved
+            job += [None, None, None, rank]  # no longer reserved
             results.append(Retrying(job_from(job, now), leased))
             continue
         await conn.execute(DELETE_JOB, job_id)
         values = (job_id, name, payload, attempts, max_retries, lease_seq, exception)
-        await conn.execute(INSERT_FAILED, *values, created, available, now)
+        await conn.execute(INSERT_FAILED, *values, created, available, now, rank)
         group.buried.append((name, now))
-        failed = FailedJob(job_id, name, payload, attempts, exception, created, available, now)
+        failed = FailedJob(
+            job_id, name, payload, attempts, exception, created, available, now, rank
+        )
         results.append(Buried(failed, leased))
     return results
 
@@ -485,14 +495,15 @@ async def retry_failed(
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, max_retries, created_at, lease_seq = row
+        job_id, name, payload, max_retries, created_at, lease_seq, rank = row
         await conn.execute(
-            INSERT_JOB, job_id, name, payload, 0, max_retries, created_at, now, lease_seq
+            INSERT_JOB, job_id, name, payload, 0, max_retries, created_at, now, lease_seq, rank
         )
         group.announce(name, now)
         results.append(
-            Job(job_id, name, payload, 0, max_retries, created_at, now, None, None, "available")
-        )
+            Job(job_id, name, payload, 0, max_retries, created_at, now, None, None, "available",
+                None, rank)
+        )  # fmt: skip
     return results
 
 

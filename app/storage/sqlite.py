@@ -93,28 +93,28 @@ def _times(row: sqlite3.Row | tuple[Any, ...], *at: int) -> list[Any]:
 
 INSERT_JOB = (
     "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
-    "lease_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "lease_seq, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # A job handed straight to a waiting poll: inserted already reserved, with its first lease.
 INSERT_LEASED = (
     "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
-    "lease_seq, reserved_at, reserved_by, lease_id, lease_expires_at) "
-    "VALUES (?, ?, ?, 1, ?, ?, ?, 1, ?, ?, ?, ?)"
+    "lease_seq, reserved_at, reserved_by, lease_id, lease_expires_at, priority) "
+    "VALUES (?, ?, ?, 1, ?, ?, ?, 1, ?, ?, ?, ?, ?)"
 )
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
 SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = ?"
 SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = ?"
 ACK = (
-    "DELETE FROM jobs WHERE id = ? AND lease_id = ? "
-    "RETURNING id, name, payload, attempts, lease_seq, created_at, available_at, reserved_at"
+    "DELETE FROM jobs WHERE id = ? AND lease_id = ? RETURNING id, name, payload, attempts, "
+    "lease_seq, created_at, available_at, reserved_at, priority"
 )
 INSERT_SUCCEEDED = (
     "INSERT INTO succeeded_jobs (id, name, payload, attempts, lease_seq, created_at, "
-    "available_at, succeeded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "available_at, succeeded_at, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 HELD = (
     "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq, "
-    "reserved_at FROM jobs WHERE id = ? AND lease_id = ?"
+    "reserved_at, priority FROM jobs WHERE id = ? AND lease_id = ?"
 )
 HELD_EXPIRED = HELD + " AND reserved_at IS NOT NULL AND lease_expires_at <= ?"
 REQUEUE = (
@@ -124,7 +124,7 @@ REQUEUE = (
 DELETE_JOB = "DELETE FROM jobs WHERE id = ?"
 INSERT_FAILED = (
     "INSERT INTO failed_jobs (id, name, payload, attempts, max_retries, lease_seq, exception, "
-    "created_at, available_at, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "created_at, available_at, failed_at, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 EXTEND = (
     "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND lease_id = ? AND reserved_at IS NOT NULL"
@@ -144,7 +144,7 @@ DELETE_FINISHED = {
 }
 TAKE_FAILED = (
     "DELETE FROM failed_jobs WHERE id = ? "
-    "RETURNING id, name, payload, max_retries, created_at, lease_seq"
+    "RETURNING id, name, payload, max_retries, created_at, lease_seq, priority"
 )
 KEY_TABLES = {False: "idempotency_keys", True: "batch_idempotency_keys"}
 COUNT_FINISHED = (
@@ -177,16 +177,18 @@ def reserve_sql(name_count: int) -> str:
     first row always goes).
     """
     ranges = " UNION ALL ".join(
-        "SELECT * FROM (SELECT id, available_at, length(CAST(payload AS BLOB)) AS size "
+        "SELECT * FROM (SELECT id, priority, available_at, "
+        "length(CAST(payload AS BLOB)) AS size "
         f"FROM jobs WHERE name = :n{i} AND reserved_at IS NULL AND available_at <= :now "
-        "ORDER BY available_at, id LIMIT :max_jobs)"
+        "ORDER BY priority, available_at, id LIMIT :max_jobs)"
         for i in range(name_count)
     )
+    order = "priority, available_at, id"
     return (
         f"WITH candidates AS ({ranges}), "
-        "oldest AS (SELECT * FROM candidates ORDER BY available_at, id LIMIT :max_jobs), "
+        f"oldest AS (SELECT * FROM candidates ORDER BY {order} LIMIT :max_jobs), "
         "picked AS (SELECT id, row_number() OVER w AS n, sum(size) OVER w AS total "
-        "FROM oldest WINDOW w AS (ORDER BY available_at, id ROWS UNBOUNDED PRECEDING)) "
+        f"FROM oldest WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)) "
         "UPDATE jobs SET attempts = attempts + 1, reserved_at = :now, reserved_by = :worker, "
         "lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1), "
         "lease_expires_at = :expires "
@@ -263,10 +265,11 @@ def _insert_jobs(conn: sqlite3.Connection, jobs: list[NewJob], tally: Tally) -> 
     conn.executemany(
         INSERT_JOB,
         [
-            (j.id, j.name, j.payload, 0, j.max_retries, ts(j.created_at), ts(j.available_at), 0)
+            (j.id, j.name, j.payload, 0, j.max_retries, ts(j.created_at), ts(j.available_at), 0,
+             j.priority)
             for j in jobs
         ],
-    )
+    )  # fmt: skip
 
 
 def enqueue(
@@ -286,7 +289,7 @@ def enqueue_leased(
         tally.move(job.name, None, RESERVED)
         rows.append(
             (job.id, job.name, job.payload, job.max_retries, ts(job.created_at),
-             ts(job.available_at), ts(now), worker, lease.id, ts(expires))
+             ts(job.available_at), ts(now), worker, lease.id, ts(expires), job.priority)
         )  # fmt: skip
     conn.executemany(INSERT_LEASED, rows)
     return leases
@@ -399,14 +402,16 @@ def ack(
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, attempts, lease_seq, created_at, available_at, leased = row
+        job_id, name, payload, attempts, lease_seq, created_at, available_at, leased, rank = row
         tally.move(name, held(leased), SUCCEEDED)
         if leased is None:
             tally.due(name, dt(available_at), -1)
         inserts.append(
-            (job_id, name, payload, attempts, lease_seq, created_at, available_at, ts(now))
+            (job_id, name, payload, attempts, lease_seq, created_at, available_at, ts(now), rank)
         )
-        done = SucceededJob(job_id, name, payload, attempts, dt(created_at), dt(available_at), now)
+        done = SucceededJob(
+            job_id, name, payload, attempts, dt(created_at), dt(available_at), now, rank
+        )
         done.leased_at = None if leased is None else dt(leased)
         results.append(done)
     conn.executemany(INSERT_SUCCEEDED, inserts)
@@ -441,7 +446,8 @@ def fail(
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, attempts, max_retries, created, available, lease_seq, leased = row
+        job_id, name, payload, attempts, max_retries, created, available, lease_seq = row[:8]
+        leased, rank = row[8], row[9]
         leased_at = None if leased is None else dt(leased)
         if leased is None:  # its lease ran out and it was requeued: it leaves its due minute
             tally.due(name, dt(available), -1)
@@ -451,22 +457,18 @@ def fail(
             tally.move(name, held(leased), PENDING)
             tally.due(name, retry_at, 1)
             job = [job_id, name, payload, attempts, max_retries, dt(created), retry_at]
-            job += [None, None, None]  # no longer reserved
+            job += [None, None, None, rank]  # no longer reserved
             results.append(Retrying(job_from(job, now), leased_at))
             continue
         conn.execute(DELETE_JOB, (job_id,))
         tally.move(name, held(leased), FAILED)
         values = (job_id, name, payload, attempts, max_retries, lease_seq, exception)
-        conn.execute(INSERT_FAILED, (*values, created, available, ts(now)))
+        conn.execute(INSERT_FAILED, (*values, created, available, ts(now), rank))
         buried.append((name, now))
-        results.append(
-            Buried(
-                FailedJob(
-                    job_id, name, payload, attempts, exception, dt(created), dt(available), now
-                ),
-                leased_at,
-            )
+        failed = FailedJob(
+            job_id, name, payload, attempts, exception, dt(created), dt(available), now, rank
         )
+        results.append(Buried(failed, leased_at))
     _count_finished(conn, buried, succeeded=False)
     return results
 
@@ -527,14 +529,16 @@ def retry_failed(
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, max_retries, created_at, lease_seq = row
+        job_id, name, payload, max_retries, created_at, lease_seq, rank = row
         tally.move(name, FAILED, PENDING)
         tally.due(name, now, 1)
-        values = (job_id, name, payload, 0, max_retries, created_at, ts(now), lease_seq)
+        values = (job_id, name, payload, 0, max_retries, created_at, ts(now), lease_seq, rank)
         conn.execute(INSERT_JOB, values)
+        created = dt(created_at)
         results.append(
-            Job(job_id, name, payload, 0, max_retries, dt(created_at), now, None, None, "available")
-        )
+            Job(job_id, name, payload, 0, max_retries, created, now, None, None, "available",
+                None, rank)
+        )  # fmt: skip
     return results
 
 

@@ -8,7 +8,7 @@ A job moves between tables in one transaction. Besides bg_jobs' columns, each ro
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, Text, text
+from sqlalchemy import BigInteger, Column, DateTime, Index, SmallInteger, Text, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -40,6 +40,11 @@ def _time(nullable: bool = False) -> Any:
     return Field(sa_column=Column(UTCDateTime(), nullable=nullable))
 
 
+def _priority() -> Any:
+    """0-9, lower runs first; the default keeps inserts of older releases working."""
+    return Field(sa_column=Column(SmallInteger, nullable=False, server_default="0"))
+
+
 class JobRow(SQLModel, table=True):
     """A pending job; `reserved_at IS NOT NULL` means a worker holds its lease `lease_id`.
 
@@ -54,6 +59,7 @@ class JobRow(SQLModel, table=True):
     payload: str = Field(sa_column=Column(Text, nullable=False))
     attempts: int = 0
     max_retries: int = 3
+    priority: int = _priority()
     created_at: datetime = _time()
     available_at: datetime = _time()
     reserved_at: datetime | None = _time(nullable=True)
@@ -63,8 +69,20 @@ class JobRow(SQLModel, table=True):
     lease_expires_at: datetime | None = _time(nullable=True)
 
     __table_args__ = (
-        # Reserve: per name, oldest available first; only unreserved rows are in it, so
-        # in-flight jobs never slow the scan and its cost does not grow with the backlog.
+        # Reserve: per name, lowest priority then oldest available first; only unreserved
+        # rows are in it, so in-flight jobs never slow the scan and its cost does not grow
+        # with the backlog.
+        Index(
+            "ix_jobs_ready_priority",
+            "name",
+            "priority",
+            "available_at",
+            "id",
+            sqlite_where=text("reserved_at IS NULL"),
+            postgresql_where=text("reserved_at IS NULL"),
+        ),
+        # By due time, whatever the priority: the next due job of a name (the notifier),
+        # its oldest available job and its scheduled count (/stats).
         Index(
             "ix_jobs_ready",
             "name",
@@ -93,6 +111,7 @@ class SucceededJobRow(SQLModel, table=True):
     payload: str = Field(sa_column=Column(Text, nullable=False))
     attempts: int
     lease_seq: int = 0
+    priority: int = _priority()
     created_at: datetime = _time()
     available_at: datetime = _time()
     succeeded_at: datetime = _time()
@@ -112,6 +131,7 @@ class FailedJobRow(SQLModel, table=True):
     attempts: int
     max_retries: int = 3
     lease_seq: int = 0
+    priority: int = _priority()
     exception: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = _time()
     available_at: datetime = _time()
