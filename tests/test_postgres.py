@@ -82,7 +82,7 @@ async def test_reserve_locks_with_skip_locked_through_the_ready_index(
         await conn.rollback()
     plan = "\n".join(row[0] for row in rows)
     # One bounded range of the ready index per name (a nested loop over the names).
-    assert "Index Scan using ix_jobs_ready" in plan and "unnest" in plan, plan
+    assert "Index Scan using ix_jobs_ready_priority" in plan and "unnest" in plan, plan
     assert "LockRows" in plan and "CTE picked" in plan, plan
     assert "Seq Scan on jobs" not in plan, plan
 
@@ -102,7 +102,7 @@ async def test_single_job_reserve_locks_with_skip_locked_through_the_ready_index
         rows = await raw.fetch(f"EXPLAIN {RESERVE_ONE}", *params)
         await conn.rollback()
     plan = "\n".join(row[0] for row in rows)
-    assert "ix_jobs_ready" in plan and "LockRows" in plan and "InitPlan" in plan, plan
+    assert "ix_jobs_ready_priority" in plan and "LockRows" in plan and "InitPlan" in plan, plan
     assert "Seq Scan on jobs" not in plan, plan
 
 
@@ -137,7 +137,7 @@ async def test_reserve_of_a_dominant_name_behind_older_jobs_takes_the_ready_inde
             rows = await raw.fetch(f"EXPLAIN {statement}", *params)
             await conn.rollback()
         plan = "\n".join(row[0] for row in rows)
-        assert "ix_jobs_ready" in plan and "ix_jobs_available_at" not in plan, plan
+        assert "ix_jobs_ready_priority" in plan and "ix_jobs_available_at" not in plan, plan
 
 
 async def test_reaper_and_history_use_indexes(service: QueueService) -> None:

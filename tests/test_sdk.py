@@ -94,6 +94,9 @@ async def test_client_calls_map_to_the_api(aclient: AsyncClient) -> None:
     assert later.state == "scheduled"
     batch = await aclient.enqueue_many([{"name": "mail", "payload": str(i)} for i in range(3)])
     assert [j.payload for j in batch] == ["0", "1", "2"]
+    urgent = await aclient.enqueue("other", "now", priority=1)
+    [urgent_too] = await aclient.enqueue_many([{"name": "other", "payload": "x", "priority": 2}])
+    assert (urgent.priority, urgent_too.priority, job.priority) == (1, 2, 0)
 
     (lease,) = await aclient.lease(["mail"], worker_id="w", max_jobs=1)
     assert lease.job.id == job.id and lease.job.state == "reserved"

@@ -69,7 +69,8 @@ async def test_reserve_uses_the_ready_index(service: QueueService, tmp_path: Pat
     params = {"n0": "a", "n1": "b", "now": now, "max_jobs": 2, "max_bytes": 1 << 20}
     params |= {"worker": "w", "expires": now}
     text = plan(tmp_path / "bgjobs.db", reserve_sql(2), params)
-    assert text.count("ix_jobs_ready") == 2, text  # one bounded range per name
+    # One bounded range per name, in (priority, available_at) order: no sort of the range.
+    assert text.count("ix_jobs_ready_priority") == 2, text
     # Sorts only of bounded sets: each name's <= max_jobs rows for the merge, and the
     # <= max_jobs oldest for the running total of payload sizes; never of `jobs` itself.
     assert text.count("TEMP B-TREE") <= 2 + 1, text
@@ -81,7 +82,7 @@ async def test_due_lookup_and_reaper_use_indexes(service: QueueService, tmp_path
     queries = await captured(service, lambda: service.storage.earliest("a"))
     queries += await captured(service, lambda: service.storage.expired_leases(now, 100))
     texts = [plan(tmp_path / "bgjobs.db", s, p) for s, p in queries]
-    assert "ix_jobs_ready" in texts[0] and "ix_jobs_lease_expiry" in texts[1], texts
+    assert "ix_jobs_ready " in texts[0] and "ix_jobs_lease_expiry" in texts[1], texts
     for text in texts:
         assert_no_table_scan(text)
 

@@ -299,6 +299,8 @@ async def test_enqueue_from_the_form_by_keyboard(page: Page, live: Live, tmp_pat
     await page.keyboard.type("60000")
     await page.keyboard.press("Tab")
     await page.keyboard.type("2")
+    await page.keyboard.press("Tab")
+    await page.keyboard.type("3")
     await shoot(page, tmp_path, "enqueue")
     await page.keyboard.press("Enter")
 
@@ -307,9 +309,11 @@ async def test_enqueue_from_the_form_by_keyboard(page: Page, live: Live, tmp_pat
     job_id = await made.get_by_role("link").text_content()
     job = (await live.api.get(f"/jobs/{job_id}")).json()
     assert (job["name"], job["payload"], job["state"]) == ("resize", "photos/1.jpg", "scheduled")
-    assert job["max_retries"] == 2
+    assert (job["max_retries"], job["priority"]) == (2, 3)
     await made.get_by_role("link").click()
     await expect(page.locator("pre.payload")).to_have_text("photos/1.jpg")
+    priority = page.locator(".field", has=page.locator("dt", has_text="Priority"))
+    await expect(priority.locator("dd")).to_have_text("3")
 
 
 async def test_a_token_is_asked_for_and_a_read_only_one_sees_no_actions(

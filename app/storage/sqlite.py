@@ -171,15 +171,18 @@ def reserve_sql(name_count: int) -> str:
     Safe without row locks: the writer is the only connection that writes and it runs
     this inside BEGIN IMMEDIATE, so nothing can reserve between the sub-select and the
     update, and `reserved_at IS NULL` is re-checked on every row it changes. One bounded
-    range scan of the partial index `ix_jobs_ready` per name (glued with UNION ALL) keeps
-    the cost independent of the backlog, where `name IN (...) ORDER BY` would sort it all.
+    range scan of the partial index `ix_jobs_ready_priority` per name (glued with UNION
+    ALL) keeps the cost independent of the backlog, where `name IN (...) ORDER BY` would
+    sort it all.
     The running total of payload sizes stops the pick before it passes `:max_bytes` (the
-    first row always goes).
+    first row always goes). The index is named: without statistics SQLite prefers
+    `ix_jobs_ready`'s range on available_at and sorts the name's whole ready set.
     """
     ranges = " UNION ALL ".join(
         "SELECT * FROM (SELECT id, priority, available_at, "
         "length(CAST(payload AS BLOB)) AS size "
-        f"FROM jobs WHERE name = :n{i} AND reserved_at IS NULL AND available_at <= :now "
+        f"FROM jobs INDEXED BY ix_jobs_ready_priority WHERE name = :n{i} "
+        "AND reserved_at IS NULL AND available_at <= :now "
         "ORDER BY priority, available_at, id LIMIT :max_jobs)"
         for i in range(name_count)
     )

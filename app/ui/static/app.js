@@ -605,6 +605,7 @@ function jobView(main, parts) {
         field("State", h("span", { class: "state state-" + job.state }, job.state)),
         field("Name", h("a", { href: link("jobs/" + job.state, { name: job.name }) }, job.name)),
         field("Attempts", job.max_retries === undefined ? String(job.attempts) : `${job.attempts} of ${job.max_retries + 1}`),
+        field("Priority", String(job.priority ?? 0)),
         field("Created", when(job.created_at)),
         field(job.state === "scheduled" ? "Runs" : "Available at", when(job.available_at)),
       ];
@@ -669,6 +670,7 @@ function enqueueView(main) {
   const payload = h("textarea", { id: "e-payload", name: "payload", rows: 6, placeholder: '{"to": "ada@example.com"}' });
   const delay = input("e-delay", { type: "number", min: 0, step: 1, inputmode: "numeric", placeholder: "0" });
   const retries = input("e-retries", { type: "number", min: 0, step: 1, inputmode: "numeric", placeholder: "server default" });
+  const priority = input("e-priority", { type: "number", min: 0, max: 9, step: 1, inputmode: "numeric", placeholder: "0" });
   const note = h("p", { class: "notice", role: "status" });
   const row = (label, control, hint) => h("div", { class: "row" }, h("label", { for: control.id }, label), control, hint ? h("small", {}, hint) : "");
   const form = h("form", { class: "enqueue", onsubmit: submit },
@@ -678,6 +680,7 @@ function enqueueView(main) {
       row("Payload", payload, "Any text; JSON is shown pretty-printed."),
       row("Delay (ms)", delay, "Available after this many milliseconds."),
       row("Max retries", retries),
+      row("Priority", priority, "0 to 9, lower runs first."),
       h("button", { type: "submit" }, "Enqueue")));
   main.append(h("h2", {}, "Enqueue"), allowed ? "" : h("p", { class: "notice" }, "This token lacks the enqueue scope."), form, note);
 
@@ -686,6 +689,7 @@ function enqueueView(main) {
     const body = { name: name.value.trim(), payload: payload.value };
     if (delay.value !== "") body.available_in_ms = Number(delay.value);
     if (retries.value !== "") body.max_retries = Number(retries.value);
+    if (priority.value !== "") body.priority = Number(priority.value);
     try {
       const job = await api("POST", "/jobs", body);
       note.replaceChildren("Enqueued ", h("a", { href: link("job/" + encodeURIComponent(job.id)) }, job.id), ` (${job.state}).`);

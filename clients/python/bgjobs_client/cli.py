@@ -125,6 +125,7 @@ def add_operator_commands(commands: Any) -> None:
     when.add_argument("--in", dest="delay", type=duration_ms, help="delay: 500ms, 5s, 10m, 2h, 1d")
     when.add_argument("--at", help="when, RFC 3339 (e.g. 2026-12-01T09:00:00Z)")
     enqueue.add_argument("--max-retries", type=int)
+    enqueue.add_argument("--priority", type=int, help="0-9, lower runs first (default 0)")
 
     jobs = operator(commands, "jobs", "list jobs", run_jobs)
     jobs.add_argument(
@@ -169,6 +170,7 @@ def run_enqueue(args: argparse.Namespace) -> None:
             available_in_ms=args.delay,
             available_at=args.at,
             max_retries=args.max_retries,
+            priority=args.priority,
         )
     show(args, [job], json_of=job_json(job))
 

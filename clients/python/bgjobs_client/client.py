@@ -145,9 +145,11 @@ class AsyncClient:
         available_at: datetime | str | None = None,
         max_retries: int | None = None,
         idempotency_key: str | None = None,
+        priority: int | None = None,
     ) -> Job:
-        """Enqueue one job. Safe to retry: the same key never makes a second job."""
-        body = job_body(name, payload, available_in_ms, available_at, max_retries)
+        """Enqueue one job (`priority` 0-9, lower runs first). Safe to retry: the same key
+        never makes a second job."""
+        body = job_body(name, payload, available_in_ms, available_at, max_retries, priority)
         key = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         data = await self.request("POST", "/jobs", json=body, headers=key, retry=True)
         return Job.from_json(data)
@@ -276,8 +278,11 @@ def job_body(
     available_in_ms: int | None = None,
     available_at: datetime | str | None = None,
     max_retries: int | None = None,
+    priority: int | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"name": name, "payload": payload}
+    if priority is not None:
+        body["priority"] = priority
     if available_in_ms is not None:
         body["available_in_ms"] = available_in_ms
     if available_at is not None:

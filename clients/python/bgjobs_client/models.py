@@ -30,6 +30,7 @@ class Job:
     reserved_at: datetime | None = None
     reserved_by: str | None = None
     lease_expires_at: datetime | None = None
+    priority: int = 0
     succeeded_at: datetime | None = None
     failed_at: datetime | None = None
     exception: str | None = None
@@ -48,6 +49,7 @@ class Job:
             reserved_at=timestamp(data.get("reserved_at")),
             reserved_by=data.get("reserved_by"),
             lease_expires_at=timestamp(data.get("lease_expires_at")),
+            priority=data.get("priority", 0),
             succeeded_at=timestamp(data.get("succeeded_at")),
             failed_at=timestamp(data.get("failed_at")),
             exception=data.get("exception"),
