@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import auth, bulk, errors, events, health, jobs, leases, observability
+from app.api import auth, bulk, errors, events, health, jobs, leases, observability, queues
 from app.api.auth import parse_tokens
 from app.api.body import with_documented_bodies
 from app.api.fastlane import FastLane
@@ -34,6 +34,7 @@ ROUTERS = (
     observability.router,
     auth.router,
     events.router,
+    queues.router,
 )
 
 DESCRIPTION = """\

@@ -108,3 +108,37 @@ async def test_2000_jobs_20_workers_two_replicas_each_leased_once(
                 if cursor is None:
                     break
             assert sorted(succeeded) == sorted(created)
+
+
+async def test_a_pause_on_one_replica_holds_on_the_other_and_a_resume_wakes_it(
+    server_process: Any, db_url: str
+) -> None:
+    """The pause is read by the reserve statement itself: the other replica's next lease,
+    sent after the pause's answer, is already refused. The resume's NOTIFY wakes a poll
+    waiting on the other replica at once (its recheck is a minute away)."""
+    slow_recheck = {"BGJOBS_POLL_RECHECK_MS": "60000"}
+    with (
+        server_process(database_url=db_url, env=slow_recheck) as one,
+        server_process(database_url=db_url, env=slow_recheck) as two,
+    ):
+        async with (
+            httpx.AsyncClient(base_url=one.url, timeout=30) as a,
+            httpx.AsyncClient(base_url=two.url, timeout=30) as b,
+        ):
+            first = await enqueue(b, name="p")
+            paused = await a.patch("/queues/p", json={"paused": True})
+            assert paused.status_code == 200 and paused.json()["paused"] is True
+            assert await lease(b, ["p"]) == []
+            polling = asyncio.create_task(lease(b, ["p"], wait_ms=20_000))
+            await asyncio.sleep(0.2)
+            await enqueue(a, name="p")  # its NOTIFY wakes the poll, which finds a pause
+            await asyncio.sleep(0.5)
+            assert not polling.done()
+            started = time.monotonic()
+            resumed = await a.patch("/queues/p", json={"paused": False})
+            assert resumed.status_code == 200, resumed.text
+            leases = await asyncio.wait_for(polling, 10)
+            woke_ms = (time.monotonic() - started) * 1000
+            assert [entry["job"]["id"] for entry in leases] == [first["id"]]
+    print(f"\nresume on one replica to a lease on the other: {woke_ms:.1f} ms")
+    assert woke_ms < 1000, woke_ms  # the NOTIFY, not the one-minute recheck

@@ -108,16 +108,27 @@ InputTimestamp = Annotated[
         }
     ),
 ]
+
+
+def _url_safe(name: str) -> str:
+    """`.` and `..` pass the pattern, but no URL can carry them (/queues/{name})."""
+    if name in (".", ".."):
+        raise ValueError(f"a job name cannot be {name!r}: a URL path could not carry it")
+    return name
+
+
 JobName = Annotated[
     str,
     StringConstraints(strict=True, pattern=r"^[A-Za-z0-9_.:\-]{1,255}$"),
+    AfterValidator(_url_safe),
     WithJsonSchema(
         {
             "type": "string",
             "pattern": r"^[A-Za-z0-9_.:\-]{1,255}$",
+            "not": {"enum": [".", ".."]},
             "minLength": 1,
             "maxLength": 255,
-            "description": "1..255 characters of A-Z a-z 0-9 _ . : -",
+            "description": "1..255 characters of A-Z a-z 0-9 _ . : -, not `.` or `..`",
             "example": "send_email",
         }
     ),
@@ -922,3 +933,55 @@ class FailureGroupsOut(BaseModel):
     groups: list[FailureGroupOut]
     scanned: int = Field(description="Failed jobs read, newest first (at most 10,000).")
     complete: bool = Field(description="False when there are older failed jobs not read.")
+
+
+class QueueOut(BaseModel):
+    """A job name as a queue: its settings and its jobs by state now."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "send_email",
+                    "paused": False,
+                    "counts": {
+                        "available": 120,
+                        "scheduled": 4,
+                        "reserved": 8,
+                        "succeeded": 51234,
+                        "failed": 17,
+                    },
+                }
+            ]
+        }
+    )
+
+    name: str = Field(examples=["send_email"])
+    paused: bool = Field(description="While true, no job of this name is leased.")
+    counts: StateCountsOut
+
+
+class QueuesOut(BaseModel):
+    queues: list[QueueOut] = Field(
+        description="One entry per name that has jobs or settings, sorted by name."
+    )
+
+
+class QueuePatch(StrictBody):
+    """The settings to change; an absent key is left as it is."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"paused": True}]})
+    NEVER_NULL = ("paused",)
+
+    paused: bool | None = Field(
+        default=None,
+        description="Pause (true) or resume (false) leasing this name's jobs, on every "
+        "replica. Enqueues go on while paused; a resume wakes waiting polls at once.",
+    )
+
+    @field_validator("paused", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("must not be null: send true or false, or leave it out")
+        return value

@@ -158,9 +158,19 @@ class Storage(Protocol):
 
     async def enqueue_leased(
         self, job: NewJob, now: datetime, worker_id: str, expires_at: datetime
-    ) -> Lease:
+    ) -> Lease | None:
         """Enqueue `job` (due now) already reserved for `worker_id`: a hand-off to a poll
-        that is waiting for it, in one write instead of an enqueue and then a reserve."""
+        that is waiting for it, in one write instead of an enqueue and then a reserve.
+        None if its name is paused: then it is only enqueued."""
+
+    async def set_paused(self, name: str, paused: bool, now: datetime) -> None:
+        """Stop (or resume) leasing jobs of `name`, on every replica; a resume wakes the
+        waiting polls of other replicas too."""
+
+    async def paused_names(self) -> set[str]: ...
+
+    async def queue_names(self) -> set[str]:
+        """Names with settings of their own."""
 
     async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
         """Enqueue unless `key` was used since `key.not_before`; then report that use."""

@@ -145,6 +145,15 @@ def _sum_counts(name: str, rows: Sequence[NameCounts]) -> NameCounts:
     )
 
 
+@dataclass(slots=True, frozen=True)
+class QueueInfo:
+    """A job name as a queue: its settings and its jobs by state."""
+
+    name: str
+    paused: bool
+    counts: NameCounts
+
+
 @dataclass(slots=True)
 class JobSpec:
     """One job as a producer asked for it (bg_jobs' JobEnqueueRequest)."""
@@ -277,11 +286,15 @@ class QueueService:
         expires = now + timedelta(milliseconds=lease_ms)
         write = asyncio.ensure_future(self.storage.enqueue_leased(new, now, worker_id, expires))
 
-        def deliver(write: "asyncio.Future[Lease]") -> None:
-            if write.cancelled() or write.exception() is not None:
-                handed.set_result([])  # nothing was handed: the poll looks for itself
+        def deliver(write: "asyncio.Future[Lease | None]") -> None:
+            failed = write.cancelled() or write.exception() is not None
+            lease = None if failed else write.result()
+            if lease is None:  # not handed (it failed, or the name is paused): sleep on
+                handed.set_result([])
+                if not failed:
+                    self.observer.enqueued(new.name, 1)
+                    self.hub.publish(new.id, new.name, "enqueued", "available", now)
                 return
-            lease = write.result()
             handed.set_result([lease])
             self.observer.enqueued(new.name, 1)
             self.observer.leased([lease], now)
@@ -407,6 +420,25 @@ class QueueService:
             self.notifier.notify(name, 1)
         else:
             self.notifier.notify_at(name, available_at)
+
+    # -- queues: settings per job name ---------------------------------------------------
+
+    async def set_paused(self, name: str, paused: bool) -> None:
+        """Paused, no job of `name` is leased (enqueues go on); resumed, its waiting polls
+        wake at once, here and (through the database) on every replica."""
+        await self.storage.set_paused(name, paused, self.clock.now())
+        if not paused:
+            self.notifier.notify(name, 1, chained=True)  # each finder wakes the next
+
+    async def queues(self, name: str | None = None) -> list[QueueInfo]:
+        """One entry per name with jobs or settings, by name."""
+        counts = {c.name: c for c in await self.storage.job_counts(self.clock.now(), name)}
+        paused = await self.storage.paused_names()
+        names = sorted(set(counts) | await self.storage.queue_names())
+        if name is not None:
+            names = [n for n in names if n == name]
+        empty = NameCounts("", 0, 0, 0, 0, 0, None)
+        return [QueueInfo(n, n in paused, counts.get(n, empty)) for n in names]
 
     # -- workers ------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from app.storage.tables import (
     FinishedPerMinuteRow,
     JobCountRow,
     JobRow,
+    QueueRow,
     SucceededJobRow,
 )
 from app.storage.writer import Op, Writer
@@ -59,6 +60,7 @@ failed = FailedJobRow.__table__  # type: ignore[attr-defined]
 counts = JobCountRow.__table__  # type: ignore[attr-defined]
 finished = FinishedPerMinuteRow.__table__  # type: ignore[attr-defined]
 due = DueCountRow.__table__  # type: ignore[attr-defined]
+queues = QueueRow.__table__  # type: ignore[attr-defined]
 TABLES = (jobs, succeeded, failed)
 NAMES_CHUNK = 1000  # ids per query in `names_of` (three IN lists: well under bind limits)
 
@@ -226,10 +228,23 @@ class SqlStorage:
 
     async def enqueue_leased(
         self, job: NewJob, now: datetime, worker_id: str, expires_at: datetime
-    ) -> Lease:
+    ) -> Lease | None:
         arg = (job, now, worker_id, expires_at)
-        result: Lease = await self._writer.submit("enqueue_leased", arg)
+        result: Lease | None = await self._writer.submit("enqueue_leased", arg)
         return result
+
+    async def set_paused(self, name: str, paused: bool, now: datetime) -> None:
+        await self._writer.submit("set_paused", (name, paused, now))
+
+    async def paused_names(self) -> set[str]:
+        async with self._read() as conn:
+            rows = await conn.execute(select(queues.c.name).where(queues.c.paused))
+            return {row[0] for row in rows}
+
+    async def queue_names(self) -> set[str]:
+        """Names with settings of their own."""
+        async with self._read() as conn:
+            return {row[0] for row in await conn.execute(select(queues.c.name))}
 
     async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
         result: Enqueued = await self._writer.submit("enqueue_once", (job, now, key))

@@ -98,11 +98,20 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6
 ENQUEUE_ONE = f"WITH inserted AS ({INSERT_JOBS}) SELECT pg_notify($8, $9)"
 # A job handed straight to a waiting poll: inserted already reserved, with its first lease
 # (no NOTIFY: nobody else can take it).
-INSERT_LEASED = (
-    "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
-    "lease_seq, reserved_at, reserved_by, lease_id, lease_expires_at, priority) "
-    "VALUES ($1, $2, $3, 1, $4, $5, $6, 1, $7, $8, $9, $10, $11)"
-)
+# Unless its name is paused: then it is only enqueued (`leased` false).
+INSERT_LEASED = """
+INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at,
+    lease_seq, reserved_at, reserved_by, lease_id, lease_expires_at, priority)
+SELECT $1, $2, $3, CASE WHEN p THEN 0 ELSE 1 END, $4, $5, $6, CASE WHEN p THEN 0 ELSE 1 END,
+    CASE WHEN p THEN NULL ELSE $7::timestamptz END, CASE WHEN p THEN NULL ELSE $8 END,
+    CASE WHEN p THEN NULL ELSE $9 END, CASE WHEN p THEN NULL ELSE $10::timestamptz END, $11
+FROM (SELECT EXISTS (SELECT 1 FROM queues WHERE name = $2 AND paused) AS p) AS q
+RETURNING reserved_at IS NOT NULL AS leased
+"""
+SET_PAUSED = """
+INSERT INTO queues (name, paused, updated_at) VALUES ($1, $2, $3)
+ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at
+"""
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
 SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = $1"
 SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = $1"
@@ -114,7 +123,13 @@ SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = $1"
 # reserve at 460,000 jobs). As a range the name stays in the order, which only
 # `ix_jobs_ready` gives (tests/test_postgres.py). Equal for deterministic collations.
 ONE_NAME = "jobs.name >= n.name AND jobs.name <= n.name"
-# Reserve: per name (unnest) one bounded range of the partial index `ix_jobs_ready`,
+# The names asked for, less the paused ones: a pause holds in the statement itself, on
+# every replica, from its commit on.
+UNPAUSED = (
+    "SELECT name FROM unnest($1::text[]) AS u(name) "
+    "WHERE NOT EXISTS (SELECT 1 FROM queues WHERE queues.name = u.name AND paused)"
+)
+# Reserve: per name (unnest, less the paused) one range of `ix_jobs_ready_priority`,
 # locked FOR UPDATE SKIP LOCKED so concurrent reserves on any replica pass over each
 # other's rows instead of waiting or double-booking them. The MATERIALIZED CTE is an
 # optimization fence: as a plain IN (sub-select) the planner may run the LIMITed pick more
@@ -124,7 +139,7 @@ ONE_NAME = "jobs.name >= n.name AND jobs.name <= n.name"
 RESERVE = f"""
 WITH candidates AS (
     SELECT c.id, c.priority, c.available_at, c.size
-    FROM unnest($1::text[]) AS n(name)
+    FROM ({UNPAUSED}) AS n
     CROSS JOIN LATERAL (
         SELECT id, priority, available_at, octet_length(payload) AS size FROM jobs
         WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
@@ -154,7 +169,7 @@ UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $3,
     lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1)::text,
     lease_expires_at = $4
 WHERE id = (
-    SELECT c.id FROM unnest($1::text[]) AS n(name) CROSS JOIN LATERAL (
+    SELECT c.id FROM ({UNPAUSED}) AS n CROSS JOIN LATERAL (
         SELECT id FROM jobs
         WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
         ORDER BY jobs.name, priority, available_at, id LIMIT 1
@@ -279,7 +294,7 @@ async def enqueue(conn: Conn, group: Group, items: list[tuple[NewJob, datetime]]
 
 async def enqueue_leased(
     conn: Conn, group: Group, items: list[tuple[NewJob, datetime, str, datetime]]
-) -> list[Lease]:
+) -> list[Lease | None]:
     leases, rows = [], []
     for job, now, worker, expires in items:
         lease = handed_lease(job, now, worker, expires)
@@ -288,11 +303,11 @@ async def enqueue_leased(
             (job.id, job.name, job.payload, job.max_retries, job.created_at, job.available_at,
              now, worker, lease.id, expires, job.priority)
         )  # fmt: skip
-    if len(rows) == 1:
-        await conn.execute(INSERT_LEASED, *rows[0])
-    else:
-        await conn.executemany(INSERT_LEASED, rows)
-    return leases
+    results: list[Lease | None] = []
+    for lease, row in zip(leases, rows, strict=True):
+        leased = await conn.fetchval(INSERT_LEASED, *row)  # a resume announces the rest
+        results.append(lease if leased else None)
+    return results
 
 
 async def enqueue_many(
@@ -521,6 +536,16 @@ async def prune(conn: Conn, group: Group, items: list[tuple[str, datetime, int]]
     return results
 
 
+async def set_paused(
+    conn: Conn, group: Group, items: list[tuple[str, bool, datetime]]
+) -> list[None]:
+    for name, paused, now in items:
+        await conn.execute(SET_PAUSED, name, paused, now)
+        if not paused:
+            group.announce(name, now)  # other replicas' polls wake, as for new jobs
+    return [None] * len(items)
+
+
 async def probe(conn: Conn, group: Group, items: list[None]) -> list[None]:
     await conn.execute("SET TRANSACTION READ WRITE")  # fails on a read-only standby
     return [None for _ in items]
@@ -548,6 +573,7 @@ HANDLERS: dict[str, Handler] = {
     "retry_failed": retry_failed,
     "prune": prune,
     "probe": probe,
+    "set_paused": set_paused,
 }
 
 

@@ -102,6 +102,11 @@ INSERT_LEASED = (
     "VALUES (?, ?, ?, 1, ?, ?, ?, 1, ?, ?, ?, ?, ?)"
 )
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+IS_PAUSED = "SELECT 1 FROM queues WHERE name = ? AND paused"
+SET_PAUSED = (
+    "INSERT INTO queues (name, paused, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at"
+)
 SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = ?"
 SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = ?"
 ACK = (
@@ -183,6 +188,7 @@ def reserve_sql(name_count: int) -> str:
         "length(CAST(payload AS BLOB)) AS size "
         f"FROM jobs INDEXED BY ix_jobs_ready_priority WHERE name = :n{i} "
         "AND reserved_at IS NULL AND available_at <= :now "
+        f"AND NOT EXISTS (SELECT 1 FROM queues WHERE queues.name = :n{i} AND paused) "
         "ORDER BY priority, available_at, id LIMIT :max_jobs)"
         for i in range(name_count)
     )
@@ -284,9 +290,14 @@ def enqueue(
 
 def enqueue_leased(
     conn: sqlite3.Connection, items: list[tuple[NewJob, datetime, str, datetime]], tally: Tally
-) -> list[Lease]:
-    leases, rows = [], []
+) -> list[Lease | None]:
+    leases: list[Lease | None] = []
+    rows = []
     for job, now, worker, expires in items:
+        if conn.execute(IS_PAUSED, (job.name,)).fetchone() is not None:
+            _insert_jobs(conn, [job], tally)  # a paused name: enqueued, not leased
+            leases.append(None)
+            continue
         lease = handed_lease(job, now, worker, expires)
         leases.append(lease)
         tally.move(job.name, None, RESERVED)
@@ -568,6 +579,14 @@ def prune(
     return results
 
 
+def set_paused(
+    conn: sqlite3.Connection, items: list[tuple[str, bool, datetime]], _tally: Tally
+) -> list[None]:
+    for name, paused, now in items:
+        conn.execute(SET_PAUSED, (name, paused, ts(now)))
+    return [None] * len(items)
+
+
 def probe(conn: sqlite3.Connection, items: list[None], _tally: Tally) -> list[None]:
     conn.execute("PRAGMA user_version = 0")  # rewrites the header page: a real write
     return [None for _ in items]
@@ -593,6 +612,7 @@ HANDLERS: dict[str, Callable[[sqlite3.Connection, list[Any], Tally], list[Any]]]
     "retry_failed": retry_failed,
     "prune": prune,
     "probe": probe,
+    "set_paused": set_paused,
 }
 
 

@@ -8,7 +8,17 @@ A job moves between tables in one transaction. Besides bg_jobs' columns, each ro
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, SmallInteger, Text, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    SmallInteger,
+    Text,
+    false,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -223,3 +233,15 @@ class DueCountRow(SQLModel, table=True):
     jobs: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
 
     __table_args__ = (Index("ix_due_counts_minute", "minute"),)
+
+
+class QueueRow(SQLModel, table=True):
+    """A job name's settings, where any were made (a name without a row runs freely)."""
+
+    __tablename__ = "queues"
+
+    name: str = Field(primary_key=True, max_length=255)
+    paused: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
+    updated_at: datetime = _time()
