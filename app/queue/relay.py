@@ -52,6 +52,7 @@ class EventRelay:
         self._flushing: asyncio.TimerHandle | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
         self._sends: set[asyncio.Task[None]] = set()
+        self._failing = False
         hub.on_first_subscriber = self._watching
 
     # -- watching: tell the others while streams are open here ----------------------------
@@ -114,7 +115,13 @@ class EventRelay:
         try:
             await self._broadcast(payloads)
         except Exception as exc:  # the link is down: the others will see a reset
-            log.warning("could not forward %d event messages: %s", len(payloads), exc)
+            if not self._failing:  # once per outage, not once per flush
+                log.warning("cannot forward job changes to other replicas: %s", exc)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("forwarding job changes to other replicas again")
+            self._failing = False
 
     # -- incoming -----------------------------------------------------------------------
 
