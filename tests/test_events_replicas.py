@@ -138,7 +138,7 @@ async def cut_listeners(db_url: str) -> None:
     try:
         cut = await conn.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = 'bgjobs listener'"
+            "WHERE application_name = 'bgjobs listener' AND datname = current_database()"
         )
         assert cut == 2
     finally:
