@@ -198,7 +198,16 @@ ENQUEUE_CASES = [
     post_job("name-with-slash", f"body.name: {NAME_HINT}", name="mail/send"),
     post_job("name-number", "body.name: Input should be a valid string", name=7),
     post_job("typo-available-in", f"body.available_in: {UNKNOWN}", available_in=1000),
-    post_job("unknown-priority", f"body.priority: {UNKNOWN}", priority=1),
+    post_job("unknown-queue", f"body.queue: {UNKNOWN}", queue="q1"),
+    post_job("priority-10", "body.priority: Input should be less than or equal to 9", priority=10),
+    post_job(
+        "priority-negative",
+        "body.priority: Input should be greater than or equal to 0",
+        priority=-1,
+    ),
+    post_job("priority-string", "body.priority: Input should be a valid integer", priority="1"),
+    post_job("name-dot", "a job name cannot be '.'", name="."),
+    post_job("name-dot-dot", "a job name cannot be '..'", name=".."),
     post_job(
         "both-availabilities",
         "give either available_at or available_in_ms, not both",
