@@ -9,11 +9,13 @@ are open on the others (on PostgreSQL, where several replicas share one database
 - Bounded. Past MAX_FORWARD changes in one flush the rest go as counts per name and
   change, which the receivers publish as `coalesced` events: a burst of a million jobs
   costs a handful of messages, not a million.
-- Lossy, visibly. Messages sent while the listening link was down are lost; the
-  receivers' streams then get a `reset` (reload), as when a resume reaches too far back.
+- Lossy, visibly. Messages sent while a receiver's listening link was down are lost, and
+  so are changes a sender could not send; either way the receivers' streams get a
+  `reset` (reload), as when a resume reaches too far back.
 
 Wire format, one message each: `<sender>|w|` (I watch), `<sender>|e|<json list of [id,
-name, change, state, at]>`, `<sender>|o|<json {name: {change: count}}>`.
+name, change, state, at]>`, `<sender>|o|<json {name: {change: count}}>`, `<sender>|r|`
+(changes of mine were lost: reload).
 """
 
 import asyncio
@@ -112,6 +114,8 @@ class EventRelay:
         task.add_done_callback(self._sends.discard)
 
     async def _deliver(self, payloads: list[str]) -> None:
+        if self._failing:  # changes were lost meanwhile: the others' streams must reload
+            payloads = [f"{self._sender}|r|", *payloads]
         try:
             await self._broadcast(payloads)
         except Exception as exc:  # the link is down: the others will see a reset
@@ -140,6 +144,8 @@ class EventRelay:
         elif kind == "o":
             for name, changes in orjson.loads(body).items():
                 hub.publish_counts(name, changes)
+        elif kind == "r":
+            hub.reset()
 
     def gap(self) -> None:
         """The listening link was down: what others sent meanwhile is lost."""
