@@ -167,10 +167,8 @@ class Storage(Protocol):
         """Stop (or resume) leasing jobs of `name`, on every replica; a resume wakes the
         waiting polls of other replicas too."""
 
-    async def paused_names(self) -> set[str]: ...
-
-    async def queue_names(self) -> set[str]:
-        """Names with settings of their own."""
+    async def queue_settings(self) -> dict[str, bool]:
+        """Names with settings of their own, and whether each is paused."""
 
     async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
         """Enqueue unless `key` was used since `key.not_before`; then report that use."""

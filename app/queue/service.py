@@ -287,18 +287,17 @@ class QueueService:
         write = asyncio.ensure_future(self.storage.enqueue_leased(new, now, worker_id, expires))
 
         def deliver(write: "asyncio.Future[Lease | None]") -> None:
-            failed = write.cancelled() or write.exception() is not None
-            lease = None if failed else write.result()
-            if lease is None:  # not handed (it failed, or the name is paused): sleep on
+            if write.cancelled() or write.exception() is not None:
+                handed.set_result([])  # nothing was written: the poll sleeps on
+                return
+            self.observer.enqueued(new.name, 1)
+            self.hub.publish(new.id, new.name, "enqueued", "available", now)
+            lease = write.result()
+            if lease is None:  # the name is paused: only enqueued, the poll sleeps on
                 handed.set_result([])
-                if not failed:
-                    self.observer.enqueued(new.name, 1)
-                    self.hub.publish(new.id, new.name, "enqueued", "available", now)
                 return
             handed.set_result([lease])
-            self.observer.enqueued(new.name, 1)
             self.observer.leased([lease], now)
-            self.hub.publish(new.id, new.name, "enqueued", "available", now)
             self.hub.publish(new.id, new.name, "leased", "reserved", now)
 
         write.add_done_callback(deliver)
@@ -433,12 +432,12 @@ class QueueService:
     async def queues(self, name: str | None = None) -> list[QueueInfo]:
         """One entry per name with jobs or settings, by name."""
         counts = {c.name: c for c in await self.storage.job_counts(self.clock.now(), name)}
-        paused = await self.storage.paused_names()
-        names = sorted(set(counts) | await self.storage.queue_names())
+        settings = await self.storage.queue_settings()
+        names = sorted(set(counts) | set(settings))
         if name is not None:
             names = [n for n in names if n == name]
         empty = NameCounts("", 0, 0, 0, 0, 0, None)
-        return [QueueInfo(n, n in paused, counts.get(n, empty)) for n in names]
+        return [QueueInfo(n, settings.get(n, False), counts.get(n, empty)) for n in names]
 
     # -- workers ------------------------------------------------------------------------
 

@@ -236,15 +236,10 @@ class SqlStorage:
     async def set_paused(self, name: str, paused: bool, now: datetime) -> None:
         await self._writer.submit("set_paused", (name, paused, now))
 
-    async def paused_names(self) -> set[str]:
+    async def queue_settings(self) -> dict[str, bool]:
         async with self._read() as conn:
-            rows = await conn.execute(select(queues.c.name).where(queues.c.paused))
-            return {row[0] for row in rows}
-
-    async def queue_names(self) -> set[str]:
-        """Names with settings of their own."""
-        async with self._read() as conn:
-            return {row[0] for row in await conn.execute(select(queues.c.name))}
+            rows = await conn.execute(select(queues.c.name, queues.c.paused))
+            return {row[0]: bool(row[1]) for row in rows}
 
     async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
         result: Enqueued = await self._writer.submit("enqueue_once", (job, now, key))
