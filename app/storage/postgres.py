@@ -674,8 +674,11 @@ class PostgresStorage(SqlStorage):
         a slow dashboard never delays a commit). Lost if that link is down right now."""
         if self._link is None:
             raise StorageUnavailable("the LISTEN connection is down")
+        link = self._link
         async with self._link_lock:
-            await self._link.execute(NOTIFY, EVENTS_CHANNEL, payloads)
+            # Bounded: a send hanging on a dead link must not hold the lock the
+            # keepalive needs to find out the link is dead.
+            await asyncio.wait_for(link.execute(NOTIFY, EVENTS_CHANNEL, payloads), KEEPALIVE_S)
 
     async def _listen_forever(
         self,
