@@ -13,7 +13,9 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     Index,
+    Integer,
     SmallInteger,
     Text,
     false,
@@ -236,7 +238,9 @@ class DueCountRow(SQLModel, table=True):
 
 
 class QueueRow(SQLModel, table=True):
-    """A job name's settings, where any were made (a name without a row runs freely)."""
+    """A job name's settings, where any were made (a name without a row runs freely):
+    whether it is paused, its concurrency limit, and its rate limit as a token bucket
+    (`rate_count` tokens per `rate_per_ms`; `tokens` were left at `tokens_at`)."""
 
     __tablename__ = "queues"
 
@@ -245,3 +249,8 @@ class QueueRow(SQLModel, table=True):
         default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
     )
     updated_at: datetime = _time()
+    concurrency_limit: int | None = Field(default=None, sa_column=Column(Integer))
+    rate_count: int | None = Field(default=None, sa_column=Column(Integer))
+    rate_per_ms: int | None = Field(default=None, sa_column=Column(BigInteger))
+    tokens: float | None = Field(default=None, sa_column=Column(Float))
+    tokens_at: datetime | None = _time(nullable=True)
