@@ -35,6 +35,8 @@ async def test_a_paused_name_is_not_leased_and_a_resume_wakes_its_poll(
     assert paused == {
         "name": "mail",
         "paused": True,
+        "concurrency_limit": None,
+        "rate_limit": None,
         "counts": {"available": 1, "scheduled": 0, "reserved": 0, "succeeded": 0, "failed": 0},
     }
     assert await lease(client, ["mail", "other"], max_jobs=10) == []

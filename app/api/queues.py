@@ -1,4 +1,4 @@
-"""/queues: each job name as a queue, with its settings (paused or not) and its counts."""
+"""/queues: each job name as a queue, with its settings (paused, limits) and its counts."""
 
 from typing import Annotated
 
@@ -9,6 +9,7 @@ from app.api.deps import Service
 from app.api.errors import responses
 from app.api.schemas import QueueOut, QueuePatch, QueuesOut
 from app.queue.errors import NotFound
+from app.queue.models import KEEP, QueueChange, RateLimit
 from app.queue.service import QueueInfo
 
 router = APIRouter(prefix="/queues", tags=["queues"])
@@ -25,7 +26,17 @@ def _out(info: QueueInfo) -> QueueOut:
         "succeeded": c.succeeded,
         "failed": c.failed,
     }
-    return QueueOut.model_validate({"name": info.name, "paused": info.paused, "counts": counts})
+    settings = info.settings
+    rate = settings.rate_limit
+    return QueueOut.model_validate(
+        {
+            "name": info.name,
+            "paused": settings.paused,
+            "concurrency_limit": settings.concurrency_limit,
+            "rate_limit": None if rate is None else {"count": rate.count, "per_ms": rate.per_ms},
+            "counts": counts,
+        }
+    )
 
 
 @router.get(
@@ -59,13 +70,23 @@ async def get_queue(name: NamePath, service: Service) -> QueueOut:
     "/{name}",
     operation_id="update_queue",
     dependencies=[require("admin")],
-    summary="Pause or resume a job name",
+    summary="Pause, resume or limit a job name",
     responses=responses(404),
 )
 async def update_queue(name: NamePath, body: QueuePatch, service: Service) -> QueueOut:
-    """Change the settings given (an absent key is unchanged): `paused` stops leasing this
-    name's jobs on every replica at once, and resuming wakes its waiting polls. The answer
-    is the queue as it is now."""
-    if body.paused is not None:
-        await service.set_paused(name, body.paused)
+    """Change the settings given (an absent key is unchanged, null removes a limit), on
+    every replica at once: `paused` stops leasing this name's jobs, `concurrency_limit`
+    caps its live leases, `rate_limit` paces them. A resume or a loosened limit wakes
+    waiting polls. The answer is the queue as it is now."""
+    given = body.model_fields_set
+    rate = body.rate_limit
+    change = QueueChange(
+        paused=body.paused if body.paused is not None else KEEP,
+        concurrency_limit=body.concurrency_limit if "concurrency_limit" in given else KEEP,
+        rate_limit=(None if rate is None else RateLimit(rate.count, rate.per_ms))
+        if "rate_limit" in given
+        else KEEP,
+    )
+    if given:
+        await service.configure_queue(name, change)
     return await get_queue(name, service)

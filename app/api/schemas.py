@@ -935,6 +935,17 @@ class FailureGroupsOut(BaseModel):
     complete: bool = Field(description="False when there are older failed jobs not read.")
 
 
+class RateLimitBody(StrictBody):
+    """At most `count` leases per `per_ms` milliseconds, across all replicas."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"count": 10, "per_ms": 1000}]})
+
+    count: int = Field(ge=1, le=1_000_000, description="Leases allowed per `per_ms`.")
+    per_ms: int = Field(
+        ge=1, le=86_400_000, description="The window, in milliseconds (at most a day)."
+    )
+
+
 class QueueOut(BaseModel):
     """A job name as a queue: its settings and its jobs by state now."""
 
@@ -944,10 +955,12 @@ class QueueOut(BaseModel):
                 {
                     "name": "send_email",
                     "paused": False,
+                    "concurrency_limit": 5,
+                    "rate_limit": {"count": 10, "per_ms": 1000},
                     "counts": {
                         "available": 120,
                         "scheduled": 4,
-                        "reserved": 8,
+                        "reserved": 5,
                         "succeeded": 51234,
                         "failed": 17,
                     },
@@ -958,6 +971,14 @@ class QueueOut(BaseModel):
 
     name: str = Field(examples=["send_email"])
     paused: bool = Field(description="While true, no job of this name is leased.")
+    concurrency_limit: int | None = Field(
+        description="At most this many live leases of this name at once, on all replicas "
+        "together (leases expired but not yet reaped count too); null: no limit."
+    )
+    rate_limit: RateLimitBody | None = Field(
+        description="At most `count` leases per `per_ms`, paced evenly (one every "
+        "per_ms / count), on all replicas together; null: no limit."
+    )
     counts: StateCountsOut
 
 
@@ -968,15 +989,35 @@ class QueuesOut(BaseModel):
 
 
 class QueuePatch(StrictBody):
-    """The settings to change; an absent key is left as it is."""
+    """The settings to change; an absent key is left as it is, and null removes a limit."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"paused": True}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"paused": True},
+                {"concurrency_limit": 5, "rate_limit": {"count": 10, "per_ms": 1000}},
+                {"concurrency_limit": None, "rate_limit": None},
+            ]
+        }
+    )
     NEVER_NULL = ("paused",)
 
     paused: bool | None = Field(
         default=None,
         description="Pause (true) or resume (false) leasing this name's jobs, on every "
         "replica. Enqueues go on while paused; a resume wakes waiting polls at once.",
+    )
+    concurrency_limit: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="At most this many live leases of this name at once, on all replicas "
+        "together; null removes the limit.",
+    )
+    rate_limit: RateLimitBody | None = Field(
+        default=None,
+        description="At most `count` leases per `per_ms`, paced evenly, on all replicas "
+        "together; null removes the limit.",
     )
 
     @field_validator("paused", mode="before")

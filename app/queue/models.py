@@ -180,3 +180,45 @@ class EnqueuedBatch:
 def could_exist(some_id: str) -> bool:
     """Ids never hold NUL, and PostgreSQL cannot even compare such a string: don't ask it."""
     return "\x00" not in some_id
+
+
+@dataclass(slots=True, frozen=True)
+class RateLimit:
+    """At most `count` leases per `per_ms`, paced: one token every per_ms / count."""
+
+    count: int
+    per_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class QueueSettings:
+    """A job name's settings; a name without any runs freely."""
+
+    paused: bool = False
+    concurrency_limit: int | None = None
+    rate_limit: RateLimit | None = None
+
+    @property
+    def limited(self) -> bool:
+        return self.concurrency_limit is not None or self.rate_limit is not None
+
+
+KEEP: Literal["keep"] = "keep"  # a setting a change leaves as it is
+
+
+@dataclass(slots=True, frozen=True)
+class QueueChange:
+    """The settings an admin changes: KEEP leaves one as it is, None removes a limit."""
+
+    paused: bool | Literal["keep"] = KEEP
+    concurrency_limit: int | Literal["keep"] | None = KEEP
+    rate_limit: RateLimit | Literal["keep"] | None = KEEP
+
+
+@dataclass(slots=True, frozen=True)
+class Hold:
+    """Why a name's ready jobs cannot be leased now, as the last read saw it: until
+    `until` (the next token of its rate limit), or, if None, until a lease of it ends, a
+    limit is raised or it is resumed."""
+
+    until: datetime | None

@@ -5,7 +5,12 @@ What is known in memory, per job name (never per job):
 - whether the name may have ready jobs: a reserve that found nothing marks it empty,
   and any news of a ready job (enqueue, retry, release, expiry, another replica's NOTIFY,
   a due time reached, a recheck that found one) clears the mark;
-- the earliest known time a job of it comes due, as one timer.
+- the earliest known time a job of it comes due, as one timer;
+- whether it is held: paused or at a limit, as the read after an empty reserve saw it.
+  News of a ready job does not wake the waiters of a held name (they could not lease
+  it); what may end the hold does, one waiter at a time: a lease of it ending (ack, fail,
+  expiry, release), a setting changed, news from another replica, or the time its next
+  rate-limit token is due.
 
 A waiting poll touches the database only when woken. Wakes from news about one job wake
 one waiter; wakes that do not say how many jobs are ready (a due time, a recheck) wake
@@ -96,6 +101,8 @@ class Notifier:
         self._due_known: set[str] = set()  # names whose next due time is a timer (or none)
         self._rechecks: dict[str, asyncio.TimerHandle] = {}
         self._peeks: dict[str, asyncio.Task[None]] = {}
+        self._held: dict[str, asyncio.TimerHandle | None] = {}  # name -> its release timer
+        self._releases: dict[str, int] = {}  # per name, how many times a hold may have ended
 
     @contextlib.contextmanager
     def waiter(self, names: Iterable[str]) -> Iterator[Waiter]:
@@ -119,6 +126,8 @@ class Notifier:
         at the database at all."""
         now = self._clock.now()
         for name in names:
+            if name in self._held:
+                continue
             timer = self._timers.get(name)
             if name not in self._empty or (timer is not None and timer[0] <= now):
                 return True
@@ -141,8 +150,11 @@ class Notifier:
     # -- wakes ----------------------------------------------------------------------------
 
     def notify(self, name: str, count: int, chained: bool = False) -> None:
-        """Jobs of `name` became ready: wake up to `count` waiters (one per job)."""
+        """Jobs of `name` became ready: wake up to `count` waiters (one per job), unless
+        the name is held."""
         self._ready(name)
+        if name in self._held:
+            return
         while count > 0 and (queue := self._waiting.get(name)):
             next(iter(queue)).wake(chained)
             count -= 1
@@ -152,7 +164,7 @@ class Notifier:
         queue and woken with `handed`, a future for the job the caller is about to reserve
         for it (a direct hand-off). None if that poll is busy looking, or there is none."""
         queue = self._waiting.get(name)
-        if not queue:
+        if not queue or name in self._held:
             return None
         waiter = next(iter(queue))
         if not waiter.sleeping or waiter.claim is None:
@@ -166,8 +178,46 @@ class Notifier:
         for name in names:
             self.notify(name, 1, chained=True)
 
+    # -- holds ----------------------------------------------------------------------------
+
+    def releases(self, names: Iterable[str]) -> tuple[int, ...]:
+        """Take before a reserve; hand to `hold` after the read that follows it."""
+        return tuple(self._releases.get(name, 0) for name in names)
+
+    def hold(self, name: str, until: datetime | None, mark: int) -> None:
+        """`name` is paused or at a limit: its waiters sleep through news of ready jobs
+        until `release`, or until `until` (when its next rate-limit token is due). Not if
+        a release came after `mark` was taken: the read may predate it, so a waiter
+        looks again at once (a hold that ends now)."""
+        if self._releases.get(name, 0) != mark:
+            until = self._clock.now()
+        self._drop_hold(name)
+        handle = None
+        if until is not None:
+            delay = max(0.0, (until - self._clock.now()).total_seconds())
+            handle = asyncio.get_running_loop().call_later(delay, self.release, name)
+        self._held[name] = handle
+
+    def held(self, name: str) -> bool:
+        return name in self._held
+
+    def release(self, name: str) -> None:
+        """What held `name` may have ended (a lease of it ended, a setting changed, a
+        token came due): wake one waiter to look, who passes the wake on if it finds work."""
+        self._releases[name] = self._releases.get(name, 0) + 1
+        if name in self._held:
+            self._drop_hold(name)
+            self.notify(name, 1, chained=True)
+
+    def _drop_hold(self, name: str) -> None:
+        handle = self._held.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+
     def wake_all(self) -> None:
         """Wake every waiter: news may have been missed, so everyone should look."""
+        for name in list(self._held):
+            self._drop_hold(name)
         self._empty.clear()
         self._due_known.clear()
         for name in list(self._waiting):
@@ -213,6 +263,7 @@ class Notifier:
     def _recheck(self, name: str) -> None:
         del self._rechecks[name]
         if name in self._waiting:
+            self.release(name)  # a hold whose end was never heard of is looked at again
             self._start_peek(name)
             self._schedule_recheck(name)
 
@@ -261,6 +312,8 @@ class Notifier:
             handle.cancel()
         for task in self._peeks.values():
             task.cancel()
+        for name in list(self._held):
+            self._drop_hold(name)
         self._timers.clear()
         self._rechecks.clear()
         self._peeks.clear()

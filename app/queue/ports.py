@@ -20,11 +20,14 @@ from app.queue.models import (
     ExpiredLease,
     FailedJob,
     FailOutcome,
+    Hold,
     IdempotencyKey,
     Job,
     Lease,
     NewJob,
     PendingState,
+    QueueChange,
+    QueueSettings,
     RetryDecision,
     SucceededJob,
 )
@@ -161,14 +164,18 @@ class Storage(Protocol):
     ) -> Lease | None:
         """Enqueue `job` (due now) already reserved for `worker_id`: a hand-off to a poll
         that is waiting for it, in one write instead of an enqueue and then a reserve.
-        None if its name is paused: then it is only enqueued."""
+        None if its name is paused or has a limit: then it is only enqueued."""
 
-    async def set_paused(self, name: str, paused: bool, now: datetime) -> None:
-        """Stop (or resume) leasing jobs of `name`, on every replica; a resume wakes the
-        waiting polls of other replicas too."""
+    async def configure_queue(self, name: str, change: QueueChange, now: datetime) -> None:
+        """Change `name`'s settings, for every replica from the commit on; a resume or a
+        loosened limit wakes the waiting polls of other replicas too."""
 
-    async def queue_settings(self) -> dict[str, bool]:
-        """Names with settings of their own, and whether each is paused."""
+    async def queue_settings(self, name: str | None = None) -> dict[str, QueueSettings]:
+        """Names with settings of their own (or just `name`), and those settings."""
+
+    async def queue_holds(self, names: Sequence[str], now: datetime) -> dict[str, Hold]:
+        """Of `names`, those paused or at a limit now, and until when (a read, a hint
+        for waking polls: the reserve statement itself enforces every rule)."""
 
     async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
         """Enqueue unless `key` was used since `key.not_before`; then report that use."""

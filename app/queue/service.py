@@ -50,6 +50,8 @@ from app.queue.models import (
     Lease,
     NewJob,
     PendingState,
+    QueueChange,
+    QueueSettings,
     Retrying,
     SucceededJob,
     could_exist,
@@ -150,7 +152,7 @@ class QueueInfo:
     """A job name as a queue: its settings and its jobs by state."""
 
     name: str
-    paused: bool
+    settings: QueueSettings
     counts: NameCounts
 
 
@@ -293,8 +295,9 @@ class QueueService:
             self.observer.enqueued(new.name, 1)
             self.hub.publish(new.id, new.name, "enqueued", "available", now)
             lease = write.result()
-            if lease is None:  # the name is paused: only enqueued, the poll sleeps on
+            if lease is None:  # paused or limited: only enqueued; polls look for it
                 handed.set_result([])
+                self.notifier.notify(new.name, 1)
                 return
             handed.set_result([lease])
             self.observer.leased([lease], now)
@@ -408,7 +411,9 @@ class QueueService:
     def job_ready_elsewhere(self, name: str, available_at: datetime) -> None:
         """Another replica made jobs of `name` ready (one notification per transaction, so
         it does not say how many): wake one waiter here, who passes the wake on if it
-        finds work."""
+        finds work. It may also say that what held the name ended there (a lease of a
+        limited name, a resume, a changed limit)."""
+        self.notifier.release(name)
         if available_at <= self.clock.now():
             self.notifier.notify(name, 1, chained=True)
         else:
@@ -422,22 +427,21 @@ class QueueService:
 
     # -- queues: settings per job name ---------------------------------------------------
 
-    async def set_paused(self, name: str, paused: bool) -> None:
-        """Paused, no job of `name` is leased (enqueues go on); resumed, its waiting polls
-        wake at once, here and (through the database) on every replica."""
-        await self.storage.set_paused(name, paused, self.clock.now())
-        if not paused:
-            self.notifier.notify(name, 1, chained=True)  # each finder wakes the next
+    async def configure_queue(self, name: str, change: QueueChange) -> None:
+        """Paused, no job of `name` is leased (enqueues go on); a concurrency limit caps
+        its live leases, a rate limit paces them; all on every replica. A change wakes
+        its waiting polls to look again, here and (through the database) elsewhere."""
+        await self.storage.configure_queue(name, change, self.clock.now())
+        self.notifier.release(name)
+        self.notifier.notify(name, 1, chained=True)  # each finder wakes the next
 
     async def queues(self, name: str | None = None) -> list[QueueInfo]:
         """One entry per name with jobs or settings, by name."""
         counts = {c.name: c for c in await self.storage.job_counts(self.clock.now(), name)}
-        settings = await self.storage.queue_settings()
+        settings = await self.storage.queue_settings(name)
         names = sorted(set(counts) | set(settings))
-        if name is not None:
-            names = [n for n in names if n == name]
         empty = NameCounts("", 0, 0, 0, 0, 0, None)
-        return [QueueInfo(n, settings.get(n, False), counts.get(n, empty)) for n in names]
+        return [QueueInfo(n, settings.get(n, QueueSettings()), counts.get(n, empty)) for n in names]
 
     # -- workers ------------------------------------------------------------------------
 
@@ -504,6 +508,7 @@ class QueueService:
         self, names: tuple[str, ...], worker_id: str, max_jobs: int, lease_ms: int
     ) -> list[Lease]:
         marks = self.notifier.marks(names)
+        releases = self.notifier.releases(names)
         now = self.clock.now()
         expires = now + timedelta(milliseconds=lease_ms)
         leases = await self.storage.reserve(
@@ -511,11 +516,32 @@ class QueueService:
         )
         if not leases:
             self.notifier.found_empty(names, marks)
+            await self._find_holds(names, now, releases)
         else:
             self.observer.leased(leases, now)
             for lease in leases:
                 self.hub.publish(lease.job.id, lease.job.name, "leased", "reserved", now)
         return leases
+
+    async def _find_holds(
+        self, names: tuple[str, ...], now: datetime, releases: tuple[int, ...]
+    ) -> None:
+        """After an empty reserve: which names are paused or at a limit, so that news of
+        their jobs does not wake polls that could not lease them (a read; if it fails,
+        polls just wake more often)."""
+        try:
+            holds = await self.storage.queue_holds(names, now)
+        except StorageUnavailable:
+            return
+        for name, mark in zip(names, releases, strict=True):
+            hold = holds.get(name)
+            if hold is not None:
+                self.notifier.hold(name, hold.until, mark)
+
+    def _freed(self, name: str) -> None:
+        """A lease of `name` ended: if the name was at its limit, one poll may take its
+        place."""
+        self.notifier.release(name)
 
     async def _handed(self, waiter: Waiter) -> list[Lease]:
         """The job an enqueue handed to this poll while it slept, once committed (none if
@@ -550,6 +576,7 @@ class QueueService:
         for lease in leases:
             released = await self.storage.release(lease.job.id, lease.id, self.clock.now())
             if released is not None:
+                self._freed(released.name)
                 self.notifier.notify(released.name, 1)
 
     def stop_waiting(self) -> None:
@@ -570,6 +597,7 @@ class QueueService:
         acked = await self.storage.ack_many(held, now) if held else []
         for job in acked:
             if job is not None:
+                self._freed(job.name)
                 self.observer.finished(job.name, "succeeded", "ok", job.leased_at, now)
                 self.hub.publish(job.id, job.name, "succeeded", "succeeded", now)
         done = iter(acked)
@@ -623,6 +651,7 @@ class QueueService:
 
     def _after_fail(self, outcome: FailOutcome, now: datetime, reason: Reason) -> None:
         job = outcome.job
+        self._freed(job.name)
         change = "expired" if reason == "expired" else None
         if isinstance(outcome, Retrying):
             self._announce(job.name, job.available_at, now)
@@ -664,6 +693,7 @@ class QueueService:
         job = await self.storage.release(job_id, lease_id, self.clock.now())
         if job is None:
             raise await self._refusal(lease_id, job_id, "release")
+        self._freed(job.name)
         self.notifier.notify(job.name, 1)
         self.hub.publish(job.id, job.name, "released", job.state, self.clock.now())
         return job

@@ -6,7 +6,7 @@ group-commit writer (`writer.py`) to the backend's own hand-written statements.
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import RowMapping, Select, case, func, or_, select, tuple_, union_all
@@ -15,16 +15,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.queue.errors import StorageUnavailable
 from app.queue.models import (
+    KEEP,
     AnyJob,
     Enqueued,
     EnqueuedBatch,
     ExpiredLease,
     FailedJob,
     FailOutcome,
+    Hold,
     IdempotencyKey,
     Job,
     Lease,
     NewJob,
+    QueueChange,
+    QueueSettings,
+    RateLimit,
     RetryDecision,
     SucceededJob,
     pending_state,
@@ -68,6 +73,86 @@ NAMES_CHUNK = 1000  # ids per query in `names_of` (three IN lists: well under bi
 # go wrong: `due_counts` is read only from this many minutes past the later of the two
 # clocks' current minute on, and the minutes before are counted along the ready index.
 CLOCK_SKEW_MINUTES = 2
+SETTINGS_COLUMNS = (
+    queues.c.name,
+    queues.c.paused,
+    queues.c.concurrency_limit,
+    queues.c.rate_count,
+    queues.c.rate_per_ms,
+)
+
+
+# A poll held for a token looks this long after it is due: the statement's clock (SQLite
+# reads times to the millisecond; PostgreSQL's own clock) must see it whole.
+TOKEN_MARGIN_MS = 5
+
+
+def settings_from(row: Sequence[Any]) -> QueueSettings:
+    """(paused, concurrency_limit, rate_count, rate_per_ms) as stored."""
+    paused, limit, count, per_ms = row
+    rate = None if count is None or per_ms is None else RateLimit(int(count), int(per_ms))
+    return QueueSettings(bool(paused), None if limit is None else int(limit), rate)
+
+
+def tokens_now(rate: RateLimit, tokens: float, tokens_at: datetime, now: datetime) -> float:
+    """The bucket refilled from `tokens_at` to `now`, holding one token at most (a pace:
+    no window of `per_ms` ever sees more than `count` leases)."""
+    elapsed_ms = max(0.0, (now - tokens_at).total_seconds() * 1000)
+    return min(1.0, tokens + elapsed_ms * rate.count / rate.per_ms)
+
+
+def queue_upsert(change: QueueChange, now: Any, style: str) -> tuple[str, tuple[Any, ...]]:
+    """The statement that applies `change` to a name's row (creating it), and its values
+    after the name; `style` is the backend's placeholder ("?" or "$"). A new rate limit
+    starts with a full bucket."""
+    rate = None if change.rate_limit == KEEP else change.rate_limit
+    limit = None if change.concurrency_limit == KEEP else change.concurrency_limit
+    values = (
+        False if change.paused == KEEP else change.paused,
+        now,
+        limit,
+        None if rate is None else rate.count,
+        None if rate is None else rate.per_ms,
+        None if rate is None else 1.0,
+        None if rate is None else now,
+    )
+    columns = "paused, updated_at, concurrency_limit, rate_count, rate_per_ms, tokens, tokens_at"
+    changed = ["updated_at"]
+    if change.paused != KEEP:
+        changed.append("paused")
+    if change.concurrency_limit != KEEP:
+        changed.append("concurrency_limit")
+    if change.rate_limit != KEEP:
+        changed += ["rate_count", "rate_per_ms", "tokens", "tokens_at"]
+    marks = ["?"] * 8 if style == "?" else [f"${i}" for i in range(1, 9)]
+    sets = ", ".join(f"{column} = excluded.{column}" for column in changed)
+    sql = (
+        f"INSERT INTO queues (name, {columns}) VALUES ({', '.join(marks)}) "
+        f"ON CONFLICT (name) DO UPDATE SET {sets}"
+    )
+    return sql, values
+
+
+def hold_of(
+    settings: QueueSettings,
+    tokens: float | None,
+    tokens_at: datetime | None,
+    reserved: int,
+    now: datetime,
+) -> Hold | None:
+    if settings.paused:
+        return Hold(None)
+    if settings.concurrency_limit is not None and reserved >= settings.concurrency_limit:
+        return Hold(None)
+    rate = settings.rate_limit
+    if rate is not None and tokens is not None and tokens_at is not None:
+        if tokens_at.tzinfo is None:
+            tokens_at = tokens_at.replace(tzinfo=UTC)
+        have = tokens_now(rate, tokens, tokens_at, now)
+        if have < 1:
+            wait_ms = (1 - have) * rate.per_ms / rate.count + TOKEN_MARGIN_MS
+            return Hold(now + timedelta(milliseconds=wait_ms))
+    return None
 
 
 def epoch_minute(moment: datetime) -> int:
@@ -233,13 +318,40 @@ class SqlStorage:
         result: Lease | None = await self._writer.submit("enqueue_leased", arg)
         return result
 
-    async def set_paused(self, name: str, paused: bool, now: datetime) -> None:
-        await self._writer.submit("set_paused", (name, paused, now))
+    async def configure_queue(self, name: str, change: QueueChange, now: datetime) -> None:
+        await self._writer.submit("configure_queue", (name, change, now))
 
-    async def queue_settings(self) -> dict[str, bool]:
+    async def queue_settings(self, name: str | None = None) -> dict[str, QueueSettings]:
+        query = select(*SETTINGS_COLUMNS)
+        if name is not None:
+            query = query.where(queues.c.name == name)
         async with self._read() as conn:
-            rows = await conn.execute(select(queues.c.name, queues.c.paused))
-            return {row[0]: bool(row[1]) for row in rows}
+            rows = (await conn.execute(query)).all()
+        return {row[0]: settings_from(row[1:]) for row in rows}
+
+    async def queue_holds(self, names: Sequence[str], now: datetime) -> dict[str, Hold]:
+        """Of `names`, those whose ready jobs cannot be leased now, and until when (a
+        read: a hint for waking polls; the reserve statement is what enforces)."""
+        reserved = (
+            select(func.coalesce(func.sum(counts.c.reserved), 0))
+            .where(counts.c.name == queues.c.name)
+            .scalar_subquery()
+        )
+        query = select(*SETTINGS_COLUMNS, queues.c.tokens, queues.c.tokens_at, reserved).where(
+            queues.c.name.in_(list(names))
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        self._saw_settings(names, {row[0]: settings_from(row[1:5]) for row in rows})
+        holds = {}
+        for row in rows:
+            hold = hold_of(settings_from(row[1:5]), row[5], row[6], int(row[7]), now)
+            if hold is not None:
+                holds[row[0]] = hold
+        return holds
+
+    def _saw_settings(self, names: Sequence[str], settings: dict[str, QueueSettings]) -> None:
+        """What a read found of names' settings (PostgreSQL keeps which are limited)."""
 
     async def enqueue_once(self, job: NewJob, now: datetime, key: IdempotencyKey) -> Enqueued:
         result: Enqueued = await self._writer.submit("enqueue_once", (job, now, key))

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeAlias
@@ -31,10 +31,13 @@ from app.queue.models import (
     EnqueuedBatch,
     FailedJob,
     FailOutcome,
+    Hold,
     IdempotencyKey,
     Job,
     Lease,
     NewJob,
+    QueueChange,
+    QueueSettings,
     Retrying,
     SucceededJob,
 )
@@ -52,6 +55,7 @@ from app.storage.common import (
     new_job,
     per_minute,
     prune_bound,
+    queue_upsert,
 )
 from app.storage.writer import Op, Writer, runs
 
@@ -98,19 +102,17 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6
 ENQUEUE_ONE = f"WITH inserted AS ({INSERT_JOBS}) SELECT pg_notify($8, $9)"
 # A job handed straight to a waiting poll: inserted already reserved, with its first lease
 # (no NOTIFY: nobody else can take it).
-# Unless its name is paused: then it is only enqueued (`leased` false).
+# Unless its name is paused or limited: then it is only enqueued (`leased` false), and a
+# limited name's polls lease it through the reserve statement, which checks the limits.
 INSERT_LEASED = """
 INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at,
     lease_seq, reserved_at, reserved_by, lease_id, lease_expires_at, priority)
 SELECT $1, $2, $3, CASE WHEN p THEN 0 ELSE 1 END, $4, $5, $6, CASE WHEN p THEN 0 ELSE 1 END,
     CASE WHEN p THEN NULL ELSE $7::timestamptz END, CASE WHEN p THEN NULL ELSE $8 END,
     CASE WHEN p THEN NULL ELSE $9 END, CASE WHEN p THEN NULL ELSE $10::timestamptz END, $11
-FROM (SELECT EXISTS (SELECT 1 FROM queues WHERE name = $2 AND paused) AS p) AS q
+FROM (SELECT EXISTS (SELECT 1 FROM queues WHERE name = $2 AND (paused
+    OR concurrency_limit IS NOT NULL OR rate_count IS NOT NULL)) AS p) AS q
 RETURNING reserved_at IS NOT NULL AS leased
-"""
-SET_PAUSED = """
-INSERT INTO queues (name, paused, updated_at) VALUES ($1, $2, $3)
-ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at
 """
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
 SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = $1"
@@ -123,13 +125,14 @@ SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = $1"
 # reserve at 460,000 jobs). As a range the name stays in the order, which only
 # `ix_jobs_ready` gives (tests/test_postgres.py). Equal for deterministic collations.
 ONE_NAME = "jobs.name >= n.name AND jobs.name <= n.name"
-# The names asked for, less the paused ones: a pause holds in the statement itself, on
-# every replica, from its commit on.
-UNPAUSED = (
+# The names asked for, less those paused or limited: a pause holds in the statement
+# itself, on every replica, from its commit on; limited names go through RESERVE_LIMITED.
+FREE = (
     "SELECT name FROM unnest($1::text[]) AS u(name) "
-    "WHERE NOT EXISTS (SELECT 1 FROM queues WHERE queues.name = u.name AND paused)"
+    "WHERE NOT EXISTS (SELECT 1 FROM queues WHERE queues.name = u.name AND (paused "
+    "OR concurrency_limit IS NOT NULL OR rate_count IS NOT NULL))"
 )
-# Reserve: per name (unnest, less the paused) one range of `ix_jobs_ready_priority`,
+# Reserve: per name (unnest, less the paused and limited) one range of `ix_jobs_ready_priority`,
 # locked FOR UPDATE SKIP LOCKED so concurrent reserves on any replica pass over each
 # other's rows instead of waiting or double-booking them. The MATERIALIZED CTE is an
 # optimization fence: as a plain IN (sub-select) the planner may run the LIMITed pick more
@@ -139,7 +142,7 @@ UNPAUSED = (
 RESERVE = f"""
 WITH candidates AS (
     SELECT c.id, c.priority, c.available_at, c.size
-    FROM ({UNPAUSED}) AS n
+    FROM ({FREE}) AS n
     CROSS JOIN LATERAL (
         SELECT id, priority, available_at, octet_length(payload) AS size FROM jobs
         WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
@@ -160,6 +163,60 @@ UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $5,
 WHERE id IN (SELECT id FROM picked) AND reserved_at IS NULL
 RETURNING {JOB_COLUMNS}, lease_id
 """
+# Limited names: before this statement the transaction locks their `queues` rows
+# (LOCK_LIMITED), so reserves of a limited name on every replica take turns, and this
+# statement's snapshot, taken after the lock was granted, sees the reserves committed
+# before it: `job_counts` (kept by statement triggers in each writing transaction) holds
+# their reserved jobs exactly. Acks, fails and expiries do not lock: a count they have
+# not yet lowered only makes the check stricter. Per name, the range's LIMIT is its
+# room: the request's max_jobs, less what a pause, the concurrency limit or the rate
+# limit forbids now. Tokens are counted on the database's clock (clock_timestamp: after
+# the lock wait) and spent in the same statement.
+LOCK_LIMITED = """
+SELECT name FROM queues WHERE name = ANY($1::text[])
+    AND (concurrency_limit IS NOT NULL OR rate_count IS NOT NULL)
+ORDER BY name FOR UPDATE
+"""
+TOKENS = """CASE WHEN q.rate_count IS NOT NULL THEN LEAST(1.0, q.tokens + GREATEST(0.0,
+    extract(epoch FROM clock_timestamp() - q.tokens_at) * 1000.0) * q.rate_count / q.rate_per_ms)
+    END"""  # LEAST skips nulls: without the CASE, no rate limit would read as one token
+RESERVE_LIMITED = f"""
+WITH n AS (
+    SELECT u.name, CASE WHEN q.name IS NULL THEN $3 WHEN q.paused THEN 0
+        ELSE GREATEST(0, LEAST($3,
+            COALESCE(q.concurrency_limit - (SELECT COALESCE(sum(c.reserved), 0)
+                FROM job_counts c WHERE c.name = u.name), $3),
+            COALESCE(floor({TOKENS})::int, $3))) END AS room
+    FROM unnest($1::text[]) AS u(name) LEFT JOIN queues q ON q.name = u.name
+), candidates AS (
+    SELECT c.id, c.priority, c.available_at, c.size
+    FROM n CROSS JOIN LATERAL (
+        SELECT id, priority, available_at, octet_length(payload) AS size FROM jobs
+        WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
+        ORDER BY jobs.name, priority, available_at, id LIMIT n.room
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+), picked AS MATERIALIZED (
+    SELECT id FROM (
+        SELECT id, row_number() OVER w AS n, sum(size) OVER w AS total
+        FROM (SELECT * FROM candidates ORDER BY priority, available_at, id LIMIT $3) AS first
+        WINDOW w AS (ORDER BY priority, available_at, id ROWS UNBOUNDED PRECEDING)
+    ) AS sized
+    WHERE n = 1 OR total <= $4
+), leased AS (
+    UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $5,
+        lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1)::text,
+        lease_expires_at = $6
+    WHERE id IN (SELECT id FROM picked) AND reserved_at IS NULL
+    RETURNING {JOB_COLUMNS}, lease_id
+), spent AS (
+    UPDATE queues q SET tokens = GREATEST(0.0, {TOKENS} - s.n), tokens_at = clock_timestamp()
+    FROM (SELECT name, count(*) AS n FROM leased GROUP BY name) AS s
+    WHERE q.name = s.name AND q.rate_count IS NOT NULL
+    RETURNING q.name
+)
+SELECT * FROM leased WHERE (SELECT count(*) FROM spent) >= 0
+"""
 # The most common reserve, one job of one name, needs neither the merge of names nor the
 # payload budget (the first job always goes): a single-row pick, evaluated once (an
 # InitPlan), at about half the database's CPU of the general statement. The name comes
@@ -169,7 +226,7 @@ UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $3,
     lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1)::text,
     lease_expires_at = $4
 WHERE id = (
-    SELECT c.id FROM ({UNPAUSED}) AS n CROSS JOIN LATERAL (
+    SELECT c.id FROM ({FREE}) AS n CROSS JOIN LATERAL (
         SELECT id FROM jobs
         WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
         ORDER BY jobs.name, priority, available_at, id LIMIT 1
@@ -232,11 +289,19 @@ EXTEND = (
     "UPDATE jobs SET lease_expires_at = $1 "
     "WHERE id = $2 AND lease_id = $3 AND reserved_at IS NOT NULL"
 )
-RELEASE = (
-    "UPDATE jobs SET reserved_at = NULL, reserved_by = NULL, lease_id = NULL, "
-    "lease_expires_at = NULL, attempts = attempts - 1 "
-    f"WHERE id = $1 AND lease_id = $2 AND reserved_at IS NOT NULL RETURNING {JOB_COLUMNS}"
+# A lease given back unused gives its rate-limit token back too.
+RELEASE = f"""
+WITH released AS (
+    UPDATE jobs SET reserved_at = NULL, reserved_by = NULL, lease_id = NULL,
+        lease_expires_at = NULL, attempts = attempts - 1
+    WHERE id = $1 AND lease_id = $2 AND reserved_at IS NOT NULL RETURNING {JOB_COLUMNS}
+), refunded AS (
+    UPDATE queues SET tokens = LEAST(1.0, tokens + 1) FROM released
+    WHERE queues.name = released.name AND queues.rate_count IS NOT NULL
+    RETURNING queues.name
 )
+SELECT * FROM released WHERE (SELECT count(*) FROM refunded) >= 0
+"""
 CANCEL_PENDING = "DELETE FROM jobs WHERE id = $1 AND reserved_at IS NULL"
 IS_PENDING = "SELECT 1 FROM jobs WHERE id = $1"
 DELETE_FINISHED = {
@@ -253,11 +318,13 @@ NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
 
 class Group:
     """What one transaction made ready, per name (announced with one NOTIFY each), and
-    the jobs it finally failed (counted per name and minute at its end)."""
+    the jobs it finally failed (counted per name and minute at its end). A lease of a
+    limited name that ends is announced too: another replica's polls may take its place."""
 
-    def __init__(self) -> None:
+    def __init__(self, limited: frozenset[str] = frozenset()) -> None:
         self.ready: dict[str, datetime] = {}
         self.buried: list[tuple[str, datetime]] = []
+        self.limited = limited  # names with a limit, as this replica knows them
 
     def announce(self, name: str, available_at: datetime) -> None:
         known = self.ready.get(name)
@@ -398,6 +465,14 @@ async def enqueue_many_once(
 async def reserve(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> list[list[Lease]]:
     results = []
     for names, worker_id, max_jobs, now, expires_at, max_bytes in items:
+        if not group.limited.isdisjoint(names):
+            await conn.execute(LOCK_LIMITED, list(names))
+            limit = NO_LIMIT if max_bytes is None else max_bytes
+            rows = await conn.fetch(
+                RESERVE_LIMITED, list(names), now, max_jobs, limit, worker_id, expires_at
+            )
+            results.append(leases_from(rows, expires_at))
+            continue
         if len(names) == 1 and max_jobs == 1:
             rows = await conn.fetch(RESERVE_ONE, list(names), now, worker_id, expires_at)
             results.append(leases_from(rows, expires_at))
@@ -423,6 +498,8 @@ async def ack(
         id_, _, name, payload, attempts, created_at, available_at, at, leased_at, rank = row
         done = SucceededJob(id_, name, payload, attempts, created_at, available_at, at, rank)
         done.leased_at = leased_at
+        if name in group.limited:
+            group.announce(name, at)  # a slot is free
         results.append(done)
     return results
 
@@ -448,6 +525,8 @@ async def fail(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> list[F
             results.append(Retrying(job_from(job, now), leased))
             continue
         await conn.execute(DELETE_JOB, job_id)
+        if name in group.limited:
+            group.announce(name, now)  # a slot is free
         values = (job_id, name, payload, attempts, max_retries, lease_seq, exception)
         await conn.execute(INSERT_FAILED, *values, created, available, now, rank)
         group.buried.append((name, now))
@@ -536,13 +615,13 @@ async def prune(conn: Conn, group: Group, items: list[tuple[str, datetime, int]]
     return results
 
 
-async def set_paused(
-    conn: Conn, group: Group, items: list[tuple[str, bool, datetime]]
+async def configure_queue(
+    conn: Conn, group: Group, items: list[tuple[str, QueueChange, datetime]]
 ) -> list[None]:
-    for name, paused, now in items:
-        await conn.execute(SET_PAUSED, name, paused, now)
-        if not paused:
-            group.announce(name, now)  # other replicas' polls wake, as for new jobs
+    for name, change, now in items:
+        sql, values = queue_upsert(change, now, "$")
+        await conn.execute(sql, name, *values)
+        group.announce(name, now)  # other replicas' polls look again, as for new jobs
     return [None] * len(items)
 
 
@@ -556,6 +635,15 @@ VOLATILE = frozenset({"reserve", "extend", "release", "probe"})
 
 # Kinds whose handler sends exactly one statement for one item and announces nothing.
 ONE_STATEMENT = frozenset({"reserve", "ack", "extend", "enqueue_leased"})
+
+
+def _one_statement(op: Op, limited: frozenset[str]) -> bool:
+    """Whether `op` alone needs no transaction: not a reserve of limited names, which
+    locks their rows first and must hold the lock to its commit."""
+    if op.kind == "reserve":
+        return limited.isdisjoint(op.arg[0])
+    return op.kind in ONE_STATEMENT
+
 
 Handler = Callable[[Conn, Group, list[Any]], Awaitable[list[Any]]]
 HANDLERS: dict[str, Handler] = {
@@ -573,7 +661,7 @@ HANDLERS: dict[str, Handler] = {
     "retry_failed": retry_failed,
     "prune": prune,
     "probe": probe,
-    "set_paused": set_paused,
+    "configure_queue": configure_queue,
 }
 
 
@@ -590,12 +678,44 @@ class PostgresStorage(SqlStorage):
         self._link: asyncpg.Connection | None = None
         self._link_lock = asyncio.Lock()
         self._conns: dict[bool, Conn] = {}  # the writer's: durable (False), volatile (True)
+        # Names with a concurrency or rate limit, as far as this replica has seen: their
+        # reserves lock (see LOCK_LIMITED). One missing here is never leased past its
+        # limit (the plain reserve skips limited names); it is only found a moment later.
+        self.limited: set[str] = set()
         self._writer = Writer(self._apply)
 
     async def migrate(self) -> None:
         async with self._read() as conn, conn.begin():
             await conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
             await conn.run_sync(migrate.upgrade)
+        await self.queue_settings()  # which names are limited
+
+    async def queue_settings(self, name: str | None = None) -> dict[str, QueueSettings]:
+        settings = await super().queue_settings(name)
+        if name is None:
+            self.limited = {n for n, found in settings.items() if found.limited}
+        return settings
+
+    async def queue_holds(self, names: Sequence[str], now: datetime) -> dict[str, Hold]:
+        """As for every backend; and a name this replica did not know to be limited (so
+        its reserve just skipped it) is to be looked at again at once, now that it does."""
+        known = self.limited.intersection(names)
+        holds = await super().queue_holds(names, now)
+        for name in self.limited.intersection(names) - known:
+            holds.setdefault(name, Hold(now))
+        return holds
+
+    def _saw_settings(self, names: Sequence[str], settings: dict[str, QueueSettings]) -> None:
+        for name in names:
+            found = settings.get(name)
+            if found is not None and found.limited:
+                self.limited.add(name)
+            else:
+                self.limited.discard(name)
+
+    async def configure_queue(self, name: str, change: QueueChange, now: datetime) -> None:
+        await super().configure_queue(name, change, now)
+        await self.queue_settings()  # this replica knows at once which names are limited
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -612,12 +732,17 @@ class PostgresStorage(SqlStorage):
 
     async def _apply_group(self, group: list[Op]) -> list[Any]:
         volatile = all(op.kind in VOLATILE for op in group)
+        limited = frozenset(self.limited)
         try:
             conn = await self._connection(volatile)
-            if len(group) == 1 and group[0].kind in ONE_STATEMENT:
+            if len(group) == 1 and _one_statement(group[0], limited):
                 # One statement is atomic by itself: no BEGIN and COMMIT round trips.
                 op = group[0]
-                return await HANDLERS[op.kind](conn, Group(), [op.arg])
+                alone = Group(limited)
+                result = await HANDLERS[op.kind](conn, alone, [op.arg])
+                if alone.ready:  # an ack of a limited name: sent after its commit
+                    await conn.execute(NOTIFY, CHANNEL, self._payloads(alone))
+                return result
             if len(group) == 1 and group[0].kind == "enqueue":
                 job, now = group[0].arg
                 ready = Group()
@@ -626,7 +751,7 @@ class PostgresStorage(SqlStorage):
                 await conn.execute(ENQUEUE_ONE, *columns, CHANNEL, *self._payloads(ready))
                 return [new_job(job, now)]
             async with conn.transaction():
-                ready = Group()
+                ready = Group(limited)
                 results: list[Any] = []
                 for kind, run in runs(group):
                     results.extend(await HANDLERS[kind](conn, ready, [op.arg for op in run]))

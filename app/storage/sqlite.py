@@ -37,6 +37,7 @@ from app.queue.models import (
     Job,
     Lease,
     NewJob,
+    QueueChange,
     Retrying,
     SucceededJob,
 )
@@ -54,6 +55,7 @@ from app.storage.common import (
     new_job,
     per_minute,
     prune_bound,
+    queue_upsert,
 )
 from app.storage.writer import Op, Writer, runs
 
@@ -102,11 +104,23 @@ INSERT_LEASED = (
     "VALUES (?, ?, ?, 1, ?, ?, ?, 1, ?, ?, ?, ?, ?)"
 )
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
-IS_PAUSED = "SELECT 1 FROM queues WHERE name = ? AND paused"
-SET_PAUSED = (
-    "INSERT INTO queues (name, paused, updated_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, updated_at = excluded.updated_at"
+# A name whose jobs are never handed straight to a poll: paused, or limited (a limited
+# name's leases go through the reserve statement, which checks the limits).
+IS_HELD = (
+    "SELECT 1 FROM queues WHERE name = ? "
+    "AND (paused OR concurrency_limit IS NOT NULL OR rate_count IS NOT NULL)"
 )
+# The rate limit's bucket, refilled from `tokens_at` to :now at `rate_count` per
+# `rate_per_ms`, holding one token at most (see common.tokens_now).
+TOKENS = (
+    "min(1.0, q.tokens + max(0.0, (julianday(:now) - julianday(q.tokens_at)) * 86400000.0) "
+    "* q.rate_count / q.rate_per_ms)"
+)
+SPEND = (
+    f"UPDATE queues AS q SET tokens = max(0.0, {TOKENS} - :spent), tokens_at = :now "
+    "WHERE name = :name AND rate_count IS NOT NULL"
+)
+REFUND = "UPDATE queues SET tokens = min(1.0, tokens + 1) WHERE name = ? AND rate_count IS NOT NULL"
 SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = ?"
 SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = ?"
 ACK = (
@@ -169,6 +183,21 @@ ADD_DUE = (
 )
 
 
+def room(i: int) -> str:
+    """How many jobs of name `:n{i}` this reserve may lease: its share of :max_jobs,
+    less what its settings forbid now. Paused, none; under a concurrency limit, the
+    limit less its reserved jobs (`job_counts`, exact here: the writer is the only writer
+    and flushes its tally first); under a rate limit, the whole tokens in its bucket. A
+    name without settings has no row, hence the outer coalesce."""
+    reserved = f"(SELECT reserved FROM job_counts WHERE name = :n{i} AND shard = 0)"
+    return (
+        "coalesce((SELECT CASE WHEN q.paused THEN 0 ELSE max(0, min(:max_jobs, "
+        f"coalesce(q.concurrency_limit - coalesce({reserved}, 0), :max_jobs), "
+        f"coalesce(CAST({TOKENS} AS INTEGER), :max_jobs))) END "
+        f"FROM queues AS q WHERE q.name = :n{i}), :max_jobs)"
+    )
+
+
 @lru_cache(maxsize=128)
 def reserve_sql(name_count: int) -> str:
     """One UPDATE ... WHERE id IN (oldest ready ids) RETURNING, for `name_count` names.
@@ -178,7 +207,7 @@ def reserve_sql(name_count: int) -> str:
     update, and `reserved_at IS NULL` is re-checked on every row it changes. One bounded
     range scan of the partial index `ix_jobs_ready_priority` per name (glued with UNION
     ALL) keeps the cost independent of the backlog, where `name IN (...) ORDER BY` would
-    sort it all.
+    sort it all. Each range's LIMIT is the name's `room`: settings hold in the statement.
     The running total of payload sizes stops the pick before it passes `:max_bytes` (the
     first row always goes). The index is named: without statistics SQLite prefers
     `ix_jobs_ready`'s range on available_at and sorts the name's whole ready set.
@@ -188,8 +217,7 @@ def reserve_sql(name_count: int) -> str:
         "length(CAST(payload AS BLOB)) AS size "
         f"FROM jobs INDEXED BY ix_jobs_ready_priority WHERE name = :n{i} "
         "AND reserved_at IS NULL AND available_at <= :now "
-        f"AND NOT EXISTS (SELECT 1 FROM queues WHERE queues.name = :n{i} AND paused) "
-        "ORDER BY priority, available_at, id LIMIT :max_jobs)"
+        f"ORDER BY priority, available_at, id LIMIT {room(i)})"
         for i in range(name_count)
     )
     order = "priority, available_at, id"
@@ -249,6 +277,13 @@ class Tally:
         if target is not None:
             deltas[target] += 1
 
+    def flush(self, conn: sqlite3.Connection, names: tuple[str, ...]) -> None:
+        """Write `names`' pending moves now, so that a statement reading `job_counts`
+        later in this transaction (a reserve under a concurrency limit) sees them."""
+        changed = [(n, *d) for n in names if (d := self.deltas.pop(n, None)) and any(d)]
+        if changed:
+            conn.executemany(ADD_COUNTS, changed)
+
     def write(self, conn: sqlite3.Connection) -> None:
         changed = [(name, *d) for name, d in self.deltas.items() if any(d)]
         if changed:
@@ -294,8 +329,8 @@ def enqueue_leased(
     leases: list[Lease | None] = []
     rows = []
     for job, now, worker, expires in items:
-        if conn.execute(IS_PAUSED, (job.name,)).fetchone() is not None:
-            _insert_jobs(conn, [job], tally)  # a paused name: enqueued, not leased
+        if conn.execute(IS_HELD, (job.name,)).fetchone() is not None:
+            _insert_jobs(conn, [job], tally)  # paused or limited: enqueued, not leased
             leases.append(None)
             continue
         lease = handed_lease(job, now, worker, expires)
@@ -398,10 +433,15 @@ def reserve(
             worker=worker_id,
             expires=ts(expires_at),
         )
+        tally.flush(conn, names)
         rows = conn.execute(reserve_sql(len(names)), params).fetchall()
         # A reserved job was due by now: its minute is never read again (see DueCountRow).
+        spent: dict[str, int] = {}
         for row in rows:
             tally.move(row[1], PENDING, RESERVED)
+            spent[row[1]] = spent.get(row[1], 0) + 1
+        for name, count in spent.items():
+            conn.execute(SPEND, {"now": params["now"], "spent": count, "name": name})
         results.append(leases_from([_times(row, 5, 6, 7, 9) for row in rows], expires_at))
     return results
 
@@ -507,6 +547,7 @@ def release(
             continue
         values = _times(row, 5, 6, 7, 9)
         tally.move(values[1], RESERVED, PENDING)  # due already, as when it was reserved
+        conn.execute(REFUND, (values[1],))  # given back unused: its token too
         results.append(job_from(values, now))
     return results
 
@@ -579,11 +620,12 @@ def prune(
     return results
 
 
-def set_paused(
-    conn: sqlite3.Connection, items: list[tuple[str, bool, datetime]], _tally: Tally
+def configure_queue(
+    conn: sqlite3.Connection, items: list[tuple[str, QueueChange, datetime]], _tally: Tally
 ) -> list[None]:
-    for name, paused, now in items:
-        conn.execute(SET_PAUSED, (name, paused, ts(now)))
+    for name, change, now in items:
+        sql, values = queue_upsert(change, ts(now), "?")
+        conn.execute(sql, (name, *values))
     return [None] * len(items)
 
 
@@ -612,7 +654,7 @@ HANDLERS: dict[str, Callable[[sqlite3.Connection, list[Any], Tally], list[Any]]]
     "retry_failed": retry_failed,
     "prune": prune,
     "probe": probe,
-    "set_paused": set_paused,
+    "configure_queue": configure_queue,
 }
 
 
