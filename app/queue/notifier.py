@@ -198,6 +198,13 @@ class Notifier:
             handle = asyncio.get_running_loop().call_later(delay, self.release, name)
         self._held[name] = handle
 
+    def unheld(self, name: str, mark: int) -> None:
+        """The read after an empty reserve found `name` free: but if a hold ended since
+        `mark` (a slot freed while the reserve was in flight), the reserve may have missed
+        room that is there now, and nobody else was woken for it: one waiter looks again."""
+        if self._releases.get(name, 0) != mark:
+            self.notify(name, 1, chained=True)
+
     def held(self, name: str) -> bool:
         return name in self._held
 

@@ -537,6 +537,8 @@ class QueueService:
             hold = holds.get(name)
             if hold is not None:
                 self.notifier.hold(name, hold.until, mark)
+            else:
+                self.notifier.unheld(name, mark)
 
     def _freed(self, name: str) -> None:
         """A lease of `name` ended: if the name was at its limit, one poll may take its

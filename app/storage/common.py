@@ -84,7 +84,7 @@ SETTINGS_COLUMNS = (
 
 # A poll held for a token looks this long after it is due: the statement's clock (SQLite
 # reads times to the millisecond; PostgreSQL's own clock) must see it whole.
-TOKEN_MARGIN_MS = 5
+TOKEN_MARGIN_MS = 2
 
 
 def settings_from(row: Sequence[Any]) -> QueueSettings:
