@@ -133,7 +133,9 @@ async def test_a_rate_limit_of_10_per_second_over_5_seconds(
             http = clients[n % 2]
             while (left := started + 5.0 - time.monotonic()) > 0:
                 wait_ms = max(1, int(left * 1000))
-                got = await lease(http, ["limited"], worker_id=f"w{n}", max_jobs=10, wait_ms=wait_ms)
+                got = await lease(
+                    http, ["limited"], worker_id=f"w{n}", max_jobs=10, wait_ms=wait_ms
+                )
                 now = time.monotonic()
                 times.extend(now - started for _ in got)
                 for entry in got:
