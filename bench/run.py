@@ -136,6 +136,7 @@ class Targets:
     idle_ratio: float = 0.9
     backlog_ratio: float = 1.5
     rss_mib: float = 150
+    limit_ratio: float = 1.5  # issue 10: a concurrency limit's cost to lease+ack
 
 
 TARGETS = {"sqlite": Targets(0.8, 10_000, 50_000), "postgres": Targets(0.5, 5_000, 25_000)}
@@ -162,6 +163,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
         metavar="SECONDS",
         help="before starting, wait up to this long until other processes use at most 10%% of "
         "the machine (default 0: start at once)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=lambda text: {int(step) for step in text.split(",")},
+        default=None,
+        metavar="N[,N...]",
+        help="run only these steps (e.g. 4); the others' rows say 'not run' (default: all)",
     )
     for name, text in HELP.items():
         kind = type(getattr(FULL, name))
@@ -511,6 +519,10 @@ def make_rows(report: Report, t: Targets, cfg: Config) -> dict[str, Row]:
             f"{cfg.big:,} backlog: lease+ack p50 / {cfg.small:,}", f"<= {t.backlog_ratio}x"
         ),
         "rss": report.row(f"{cfg.big:,} backlog: server VmHWM", f"< {t.rss_mib:g} MiB"),
+        "limit": report.row(
+            f"{cfg.big:,} backlog: lease+ack p50, concurrency limit / none",
+            f"< {t.limit_ratio}x",
+        ),
     }
 
 
@@ -769,6 +781,46 @@ def backlog_rows(bench: Bench) -> None:
     lat_row.void_if_busy(cpu_share(result))
 
 
+def set_limit(url: str, name: str, limit: int) -> None:
+    """PATCH /queues/{name} with a concurrency limit (no token: the bench runs open)."""
+    import urllib.request
+
+    body = json.dumps({"concurrency_limit": limit}).encode()
+    request = urllib.request.Request(
+        f"{url}/queues/{name}", body, {"Content-Type": "application/json"}, method="PATCH"
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        if response.status != 200:
+            raise BenchError(f"PATCH /queues/{name}: {response.status}")
+
+
+def limit_rows(bench: Bench) -> None:
+    """Lease+ack latency at the big backlog with a concurrency limit on the name (one
+    that never binds: every reserve pays for the check, none is refused) against the same
+    backlog without one, one worker alternating between the two servers."""
+    if bench.caps is None:
+        raise BenchError("the first section never reached the server")
+    cfg, row = bench.config, bench.rows["limit"]
+    with (
+        prepared(bench, "free", {LATENCY: cfg.big}) as free,
+        prepared(bench, "limited", {LATENCY: cfg.big}) as limited,
+    ):
+        set_limit(limited.url, LATENCY, 1000)
+        result = run_loadgen(
+            bench, "latency", "--url", limited.url, "--url", free.url, "--name", LATENCY,
+            "--cycles", cfg.latency_cycles,
+        )  # fmt: skip
+    at_limited, at_free = result["latencies_ms"][limited.url], result["latencies_ms"][free.url]
+    ratio = statistics.median(at_limited) / statistics.median(at_free)
+    row.measured(f"{ratio:.2f}x", ratio, bench.targets.limit_ratio, False, strict=True)
+    for what, values in (("concurrency_limit 1000", at_limited), ("no limit", at_free)):
+        row.note(
+            f"{what}, {cfg.big:,} jobs: p50 {statistics.median(values):.2f} ms, "
+            f"p99 {percentile(values, 99):.2f} ms ({len(values)} lease+ack, 1 worker)"
+        )
+    row.void_if_busy(cpu_share(result))
+
+
 STEPS: tuple[tuple[str, Callable[[Bench], None], tuple[str, ...]], ...] = (
     (
         "1. POST /jobs vs the minimal app, pickup, idle polls, batch enqueue",
@@ -777,6 +829,7 @@ STEPS: tuple[tuple[str, Callable[[Bench], None], tuple[str, ...]], ...] = (
     ),
     ("2. lease+ack cycles from a prefilled backlog", cycle_rows, ("cycle", "batched")),
     ("3. big backlog: latency and memory", backlog_rows, ("backlog", "rss")),
+    ("4. big backlog: the cost of a concurrency limit", limit_rows, ("limit",)),
 )
 
 
@@ -868,7 +921,12 @@ def run(args: argparse.Namespace, config: Config, report: Report, children: Chil
             config, TARGETS[args.backend], children, launcher, backend, {}, client_core, workdir
         )
         bench.rows = make_rows(report, bench.targets, config)
-        for title, step, keys in STEPS:
+        if args.steps and 1 not in args.steps:  # what the server can do, from a bare one
+            with launcher.ours(backend.new_database("probe"), "probe") as server:
+                bench.caps = probe(server.url)
+        for number, (title, step, keys) in enumerate(STEPS, start=1):
+            if args.steps and number not in args.steps:
+                continue
             print(f"\n{title}", flush=True)
             section([bench.rows[key] for key in keys], functools.partial(step, bench))
     finally:
