@@ -39,6 +39,7 @@ def test_walk_through_runs_as_written(server_process: Any) -> None:
     assert '"state":"succeeded"' in out  # the ack, and the succeeded list
     assert '"outcome":"failed"' in out
     assert out.count("SMTP server said 550: no such user") == 2  # the fail, the failed list
+    assert '"concurrency_limit":5,"rate_limit":{"count":10,"per_ms":1000}' in out  # the PATCH
 
 
 def test_ci_runs_the_readme_test_command() -> None:
