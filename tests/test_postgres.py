@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.main import create_app
 from app.queue.service import QueueService
 from app.settings import Settings
-from app.storage.postgres import RESERVE, RESERVE_ONE
+from app.storage.postgres import RESERVE, RESERVE_LIMITED, RESERVE_LIMITED_ONE, RESERVE_ONE
 from tests.conftest import enqueue, lease
 
 
@@ -106,6 +106,36 @@ async def test_single_job_reserve_locks_with_skip_locked_through_the_ready_index
     assert "Seq Scan on jobs" not in plan, plan
 
 
+async def test_limited_reserves_take_one_range_of_the_ready_index_per_name(
+    service: QueueService,
+) -> None:
+    """The reserves of limited names (a concurrency limit and a rate limit here) read the
+    name's settings and kept count by key, then one bounded range per name, as the
+    others do."""
+    await fill(service, 20_000)
+    async with engine_of(service).begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO queues (name, paused, updated_at, concurrency_limit, rate_count, "
+                "rate_per_ms, tokens, tokens_at) VALUES ('a', false, now(), 5, NULL, NULL, "
+                "NULL, NULL), ('b', false, now(), NULL, 10, 1000, 1.0, now())"
+            )
+        )
+    now = service.clock.now()
+    expires = now + timedelta(seconds=30)
+    for statement, params in (
+        (RESERVE_LIMITED, (["a", "b"], now, 5, 1 << 20, "w", expires)),
+        (RESERVE_LIMITED_ONE, (["a"], now, "w", expires)),
+    ):
+        async with engine_of(service).connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            rows = await raw.fetch(f"EXPLAIN {statement}", *params)
+            await conn.rollback()
+        plan = "\n".join(row[0] for row in rows)
+        assert "Index Scan using ix_jobs_ready_priority" in plan and "LockRows" in plan, plan
+        assert "Seq Scan on jobs" not in plan, plan
+
+
 async def test_reserve_of_a_dominant_name_behind_older_jobs_takes_the_ready_index(
     service: QueueService,
 ) -> None:
@@ -131,6 +161,8 @@ async def test_reserve_of_a_dominant_name_behind_older_jobs_takes_the_ready_inde
     for statement, params in (
         (RESERVE, (["dominant"], now, 100, 1 << 20, "w", expires)),
         (RESERVE_ONE, (["dominant"], now, "w", expires)),
+        (RESERVE_LIMITED, (["dominant"], now, 100, 1 << 20, "w", expires)),
+        (RESERVE_LIMITED_ONE, (["dominant"], now, "w", expires)),
     ):
         async with engine_of(service).connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection

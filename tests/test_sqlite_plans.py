@@ -75,6 +75,10 @@ async def test_reserve_uses_the_ready_index(service: QueueService, tmp_path: Pat
     # <= max_jobs oldest for the running total of payload sizes; never of `jobs` itself.
     assert text.count("TEMP B-TREE") <= 2 + 1, text
     assert_no_table_scan(text)
+    # Each name's room: its settings and kept count, each found by key, never scanned.
+    assert text.count("SEARCH q USING INDEX sqlite_autoindex_queues_1") == 2, text
+    assert text.count("SEARCH job_counts USING INDEX sqlite_autoindex_job_counts_1") == 2, text
+    assert "SCAN q" not in text and "SCAN job_counts" not in text, text
 
 
 async def test_due_lookup_and_reaper_use_indexes(service: QueueService, tmp_path: Path) -> None:
