@@ -35,6 +35,9 @@ async def test_limits_are_set_shown_kept_when_absent_and_removed_with_null(
     ]
     queue = await configure(client, "mail", concurrency_limit=None)
     assert (queue["concurrency_limit"], queue["rate_limit"]) == (None, rate)
+    queue = await configure(client, "mail", concurrency_limit=7.0)  # JSON Schema's integer
+    assert queue["concurrency_limit"] == 7
+    queue = await configure(client, "mail", concurrency_limit=None)
     queue = await configure(client, "mail", rate_limit=None, paused=False)
     assert (queue["concurrency_limit"], queue["rate_limit"], queue["paused"]) == (None, None, False)
 

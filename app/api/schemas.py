@@ -940,9 +940,11 @@ class RateLimitBody(StrictBody):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"count": 10, "per_ms": 1000}]})
 
-    count: int = Field(ge=1, le=1_000_000, description="Leases allowed per `per_ms`.")
-    per_ms: int = Field(
-        ge=1, le=86_400_000, description="The window, in milliseconds (at most a day)."
+    count: Annotated[int, Integral] = strict_int(
+        1, 1_000_000, description="Leases allowed per `per_ms`."
+    )
+    per_ms: Annotated[int, Integral] = strict_int(
+        1, 86_400_000, description="The window, in milliseconds (at most a day)."
     )
 
 
@@ -1007,10 +1009,10 @@ class QueuePatch(StrictBody):
         description="Pause (true) or resume (false) leasing this name's jobs, on every "
         "replica. Enqueues go on while paused; a resume wakes waiting polls at once.",
     )
-    concurrency_limit: int | None = Field(
+    concurrency_limit: Annotated[int | None, Integral] = strict_int(
+        1,
+        100_000,
         default=None,
-        ge=1,
-        le=100_000,
         description="At most this many live leases of this name at once, on all replicas "
         "together; null removes the limit.",
     )
