@@ -440,6 +440,9 @@ class JobOut(BaseModel):
                     "reserved_by": None,
                     "lease_expires_at": None,
                     "priority": 0,
+                    "schedule_id": None,
+                    "scheduled_for": None,
+                    "catch_up": None,
                     "state": "available",
                 }
             ]
@@ -460,6 +463,19 @@ class JobOut(BaseModel):
         "counts as failed by its worker and retries or fails); null otherwise."
     )
     priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
+    schedule_id: str | None = Field(
+        description="The schedule that enqueued this job (PUT /schedules/{schedule_id}); "
+        "null for a job a producer enqueued.",
+        examples=[None],
+    )
+    scheduled_for: Timestamp | None = Field(
+        description="For a job a schedule enqueued: the occurrence it stands for.",
+    )
+    catch_up: bool | None = Field(
+        description="For a job a schedule enqueued: true when it stands for an occurrence "
+        "missed while no scheduler ran (the latest one; earlier missed ones are dropped).",
+        examples=[None],
+    )
     state: Literal["available", "scheduled", "reserved"]
 
 
@@ -477,6 +493,9 @@ class SucceededJobOut(BaseModel):
                     "available_at": EXAMPLE_TIME,
                     "succeeded_at": EXAMPLE_TIME,
                     "priority": 0,
+                    "schedule_id": None,
+                    "scheduled_for": None,
+                    "catch_up": None,
                     "state": "succeeded",
                 }
             ]
@@ -491,6 +510,19 @@ class SucceededJobOut(BaseModel):
     available_at: Timestamp
     succeeded_at: Timestamp
     priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
+    schedule_id: str | None = Field(
+        description="The schedule that enqueued this job (PUT /schedules/{schedule_id}); "
+        "null for a job a producer enqueued.",
+        examples=[None],
+    )
+    scheduled_for: Timestamp | None = Field(
+        description="For a job a schedule enqueued: the occurrence it stands for.",
+    )
+    catch_up: bool | None = Field(
+        description="For a job a schedule enqueued: true when it stands for an occurrence "
+        "missed while no scheduler ran (the latest one; earlier missed ones are dropped).",
+        examples=[None],
+    )
     state: Literal["succeeded"] = "succeeded"
 
 
@@ -509,6 +541,9 @@ class FailedJobOut(BaseModel):
                     "available_at": EXAMPLE_TIME,
                     "failed_at": EXAMPLE_TIME,
                     "priority": 0,
+                    "schedule_id": None,
+                    "scheduled_for": None,
+                    "catch_up": None,
                     "state": "failed",
                 }
             ]
@@ -524,6 +559,19 @@ class FailedJobOut(BaseModel):
     available_at: Timestamp
     failed_at: Timestamp
     priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
+    schedule_id: str | None = Field(
+        description="The schedule that enqueued this job (PUT /schedules/{schedule_id}); "
+        "null for a job a producer enqueued.",
+        examples=[None],
+    )
+    scheduled_for: Timestamp | None = Field(
+        description="For a job a schedule enqueued: the occurrence it stands for.",
+    )
+    catch_up: bool | None = Field(
+        description="For a job a schedule enqueued: true when it stands for an occurrence "
+        "missed while no scheduler ran (the latest one; earlier missed ones are dropped).",
+        examples=[None],
+    )
     state: Literal["failed"] = "failed"
 
 
@@ -985,3 +1033,142 @@ class QueuePatch(StrictBody):
         if value is None:
             raise ValueError("must not be null: send true or false, or leave it out")
         return value
+
+
+SCHEDULE_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,255}$"
+
+
+def _cron(value: str) -> str:
+    from app.queue.schedules import check_cron  # the rules live with the schedules
+
+    return check_cron(value)
+
+
+def _timezone(value: str) -> str:
+    from app.queue.schedules import check_timezone
+
+    return check_timezone(value)
+
+
+class ScheduleRequest(StrictBody):
+    """A recurring schedule: every `interval_ms`, or at the times of a `cron` expression in
+    `timezone`; each occurrence enqueues one job of `name` with `payload`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            # Exactly one of interval_ms and cron (null counts as absent).
+            "oneOf": [
+                {"required": ["interval_ms"], "properties": {"interval_ms": {"type": "integer"}}},
+                {"required": ["cron"], "properties": {"cron": {"type": "string"}}},
+            ],
+            "examples": [
+                {"name": "report.daily", "payload": "{}", "cron": "30 2 * * *",
+                 "timezone": "Europe/Berlin"},
+                {"name": "heartbeat", "payload": "", "interval_ms": 60000,
+                 "skip_if_running": False},
+            ],
+        }
+    )  # fmt: skip
+
+    name: JobName
+    payload: Payload
+    max_retries: Annotated[int, Integral] = strict_int(
+        0, 100, default=3, description="max_retries of each job it enqueues."
+    )
+    priority: Annotated[int, Integral] = strict_int(
+        0, 9, default=0, description="priority of each job it enqueues (0 to 9, lower first)."
+    )
+    interval_ms: Annotated[int | None, Integral] = strict_int(
+        1000,
+        31_536_000_000,
+        default=None,
+        description="Fixed rate: an occurrence every this many ms after the time of the PUT "
+        "that last set the timing (the first one interval after it). Give this or `cron`.",
+    )
+    cron: Annotated[str | None, AfterValidator(lambda v: v if v is None else _cron(v))] = Field(
+        default=None,
+        max_length=255,
+        strict=True,
+        description="5 fields (minute hour day-of-month month day-of-week) as in crontab, "
+        "read in `timezone`. Give this or `interval_ms`.",
+        examples=["30 2 * * *"],
+    )
+    timezone: Annotated[str | None, AfterValidator(lambda v: v if v is None else _timezone(v))] = (
+        Field(
+            default=None,
+            max_length=255,
+            strict=True,
+            description="The IANA time zone `cron` is read in (only with `cron`). Default: UTC.",
+            examples=["Europe/Berlin"],
+        )
+    )
+    paused: bool = Field(default=False, strict=True, description="While true, nothing is enqueued.")
+    skip_if_running: bool = Field(
+        default=True,
+        strict=True,
+        description="Skip an occurrence while the job of the previous one is still pending "
+        "(available, scheduled or reserved).",
+    )
+
+    @model_validator(mode="after")
+    def _one_timing(self) -> "ScheduleRequest":
+        if (self.interval_ms is None) == (self.cron is None):
+            raise ValueError("give exactly one of interval_ms and cron")
+        if self.timezone is not None and self.cron is None:
+            raise ValueError("timezone applies to cron only; leave it out with interval_ms")
+        return self
+
+
+class ScheduleOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "nightly-report",
+                    "name": "report.daily",
+                    "payload": "{}",
+                    "max_retries": 3,
+                    "priority": 0,
+                    "interval_ms": None,
+                    "cron": "30 2 * * *",
+                    "timezone": "Europe/Berlin",
+                    "paused": False,
+                    "skip_if_running": True,
+                    "anchor_at": EXAMPLE_TIME,
+                    "next_run_at": "2026-11-29T01:30:00.000000Z",
+                    "last_run_at": None,
+                    "last_job_id": None,
+                    "created_at": EXAMPLE_TIME,
+                    "updated_at": EXAMPLE_TIME,
+                }
+            ]
+        }
+    )
+
+    id: str = Field(examples=["nightly-report"])
+    name: str
+    payload: str
+    max_retries: int
+    priority: int
+    interval_ms: int | None
+    cron: str | None
+    timezone: str | None = Field(description="With `cron`: its IANA time zone.")
+    paused: bool
+    skip_if_running: bool
+    anchor_at: Timestamp = Field(
+        description="When the timing was last set: interval occurrences are anchor_at + "
+        "k * interval_ms."
+    )
+    next_run_at: Timestamp | None = Field(
+        description="The next occurrence (null: the cron expression never matches again)."
+    )
+    last_run_at: Timestamp | None = Field(
+        description="The occurrence the last job it enqueued stands for."
+    )
+    last_job_id: str | None = Field(description="The last job it enqueued.")
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class SchedulesOut(BaseModel):
+    schedules: list[ScheduleOut] = Field(description="Every schedule, by id.")
