@@ -4,6 +4,7 @@ skip_if_running, re-anchoring), the fields of the jobs they make, and at most on
 occurrence when schedulers run at once (two apps, and two server processes)."""
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from bgjobs_client.models import Job as ClientJob
 from fastapi import FastAPI
 
 from app.main import create_app
@@ -252,7 +254,7 @@ async def test_daylight_saving_changes_follow_debian_cron(
     assert len(hours) == len(set(hours)) == 48  # one per real hour: none twice, none lost
     first = hours.index(hourly[0])
     assert hours[first : first + len(hourly)] == hourly
-    steps = {at(b) - at(a) for a, b in zip(hours, hours[1:], strict=False)}
+    steps = {at(b) - at(a) for a, b in itertools.pairwise(hours)}
     assert steps == {timedelta(hours=1)}
     assert not any(j["catch_up"] for j in await jobs_of(client, "hourly"))
 
@@ -383,6 +385,8 @@ async def test_schedule_jobs_carry_their_occurrence_through_ack_and_fail(
     assert shown["state"] == "available"
     assert shown["schedule_id"] == "ok" and shown["catch_up"] is False
     assert abs(at(shown["scheduled_for"]) - occurrence) < timedelta(seconds=1)
+    typed = ClientJob.from_json(shown)  # the SDK reads the new fields
+    assert (typed.schedule_id, typed.catch_up) == ("ok", False) and typed.scheduled_for
     changes = [(e.data["id"], e.data["change"]) for e in stream.take() if e.kind == "job"]
     assert (job["id"], "enqueued") in changes  # published like any enqueue
     samples = await scrape(client)

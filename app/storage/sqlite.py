@@ -372,12 +372,14 @@ def _get(conn: sqlite3.Connection, job_id: str, now: datetime) -> AnyJob | None:
     row = conn.execute(SELECT_SUCCEEDED, (job_id,)).fetchone()
     if row is not None:
         values = _times(row, *SUCCEEDED_TIMES)
-        return SucceededJob(*values[:10], flag(values[10]))
+        values[10] = flag(values[10])
+        return SucceededJob(*values)
     row = conn.execute(SELECT_FAILED, (job_id,)).fetchone()
     if row is None:
         return None
     values = _times(row, *FAILED_TIMES)
-    return FailedJob(*values[:11], flag(values[11]))
+    values[11] = flag(values[11])
+    return FailedJob(*values)
 
 
 def _claim(
