@@ -1056,11 +1056,19 @@ class ScheduleRequest(StrictBody):
 
     model_config = ConfigDict(
         json_schema_extra={
-            # Exactly one of interval_ms and cron (null counts as absent).
+            # Exactly one of interval_ms and cron (null counts as absent), and a timezone
+            # only with cron.
             "oneOf": [
                 {"required": ["interval_ms"], "properties": {"interval_ms": {"type": "integer"}}},
                 {"required": ["cron"], "properties": {"cron": {"type": "string"}}},
             ],
+            "not": {
+                "required": ["interval_ms", "timezone"],
+                "properties": {
+                    "interval_ms": {"type": "integer"},
+                    "timezone": {"type": "string"},
+                },
+            },
             "examples": [
                 {"name": "report.daily", "payload": "{}", "cron": "30 2 * * *",
                  "timezone": "Europe/Berlin"},

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from app.queue.errors import NotFound
 from app.queue.models import Job, NewJob
+from app.queue.ports import FireResult
 from app.queue.schedules import Firing, Schedule, next_after, plan
 
 if TYPE_CHECKING:
@@ -92,14 +93,16 @@ class Scheduler:
             now = self.service.clock.now()
             due = await self.storage.due_schedules(now, DUE_BATCH)
             results = await asyncio.gather(*(self._fire(schedule, now) for schedule in due))
-            fired += sum(results)
-            if len(due) < DUE_BATCH:
+            fired += sum(1 for result in results if isinstance(result, Job))
+            # Another batch only if this one moved schedules on: one changed meanwhile
+            # ("stale") is read again at the next tick, never in a loop here.
+            if len(due) < DUE_BATCH or all(result == "stale" for result in results):
                 return fired
 
-    async def _fire(self, schedule: Schedule, now: datetime) -> int:
+    async def _fire(self, schedule: Schedule, now: datetime) -> FireResult:
         decided = plan(schedule, now)
         if decided is None or schedule.next_run_at is None:
-            return 0
+            return "stale"
         firing = Firing(
             schedule.id,
             schedule.next_run_at,
@@ -114,7 +117,6 @@ class Scheduler:
             now, now, schedule.priority, schedule.id, decided.scheduled_for, decided.catch_up,
         )  # fmt: skip
         result = await self.storage.fire_schedule(firing, job)
-        if not isinstance(result, Job):
-            return 0
-        self.service.record_enqueued(result, now)
-        return 1
+        if isinstance(result, Job):
+            self.service.record_enqueued(result, now)
+        return result

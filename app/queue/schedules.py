@@ -101,7 +101,7 @@ def check_timezone(name: str) -> str:
     """An IANA zone name that zoneinfo (with the tzdata package) knows."""
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a name too long
         raise ValueError(
             f"unknown time zone {name[:64]!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'"
         ) from exc
