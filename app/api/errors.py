@@ -40,7 +40,7 @@ _DESCRIPTIONS = {
     401: "No API token, or an unknown one (only when the server has tokens configured).",
     403: "The API token lacks the scope this operation needs; or, on a server without API "
     "tokens, the request came from another site (`Origin`) or names another host (`Host`).",
-    404: "Unknown job, lease or schedule.",
+    404: "Unknown job or lease.",
     409: "The job's current state forbids this, or the job an Idempotency-Key names is gone "
     "(details in `detail`, the reason in `code`).",
     413: "The payload or the request body is over the configured size limit.",

@@ -1,7 +1,7 @@
 """/schedules: recurring schedules that enqueue jobs at fixed intervals or cron times."""
 
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response
 
@@ -13,6 +13,13 @@ from app.queue.scheduler import ScheduleSpec
 from app.queue.schedules import Schedule
 
 router = APIRouter(prefix="/schedules", tags=["schedules"])
+
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    out = responses(*statuses)
+    if 404 in out:
+        out[404] = {**out[404], "description": "No schedule with this id."}
+    return out
+
 
 ScheduleIdPath = Annotated[
     str,
@@ -36,7 +43,7 @@ def _out(schedule: Schedule) -> ScheduleOut:
     status_code=200,
     responses={
         201: {"model": ScheduleOut, "description": "Created."},
-        **responses(404, 413),
+        **_responses(404, 413),
     },
 )
 async def put_schedule(
@@ -72,7 +79,7 @@ async def list_schedules(service: Service) -> SchedulesOut:
     operation_id="get_schedule",
     dependencies=[require("read")],
     summary="One schedule, with its next and last runs",
-    responses=responses(404),
+    responses=_responses(404),
 )
 async def get_schedule(schedule_id: ScheduleIdPath, service: Service) -> ScheduleOut:
     return _out(await service.schedules.get(schedule_id))
@@ -84,7 +91,7 @@ async def get_schedule(schedule_id: ScheduleIdPath, service: Service) -> Schedul
     dependencies=[require("admin")],
     summary="Delete a schedule",
     status_code=204,
-    responses=responses(404),
+    responses=_responses(404),
 )
 async def delete_schedule(schedule_id: ScheduleIdPath, service: Service) -> Response:
     """Nothing more is enqueued for it; the jobs it already enqueued stay."""

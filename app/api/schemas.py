@@ -472,8 +472,9 @@ class JobOut(BaseModel):
         description="For a job a schedule enqueued: the occurrence it stands for.",
     )
     catch_up: bool | None = Field(
-        description="For a job a schedule enqueued: true when it stands for an occurrence "
-        "missed while no scheduler ran (the latest one; earlier missed ones are dropped).",
+        description="For a job a schedule enqueued: true when it was enqueued late, for "
+        "the latest of several occurrences that came due while no scheduler ran (the "
+        "earlier ones are dropped), or over 60 s after its occurrence; false when on time.",
         examples=[None],
     )
     state: Literal["available", "scheduled", "reserved"]
@@ -519,8 +520,9 @@ class SucceededJobOut(BaseModel):
         description="For a job a schedule enqueued: the occurrence it stands for.",
     )
     catch_up: bool | None = Field(
-        description="For a job a schedule enqueued: true when it stands for an occurrence "
-        "missed while no scheduler ran (the latest one; earlier missed ones are dropped).",
+        description="For a job a schedule enqueued: true when it was enqueued late, for "
+        "the latest of several occurrences that came due while no scheduler ran (the "
+        "earlier ones are dropped), or over 60 s after its occurrence; false when on time.",
         examples=[None],
     )
     state: Literal["succeeded"] = "succeeded"
@@ -568,8 +570,9 @@ class FailedJobOut(BaseModel):
         description="For a job a schedule enqueued: the occurrence it stands for.",
     )
     catch_up: bool | None = Field(
-        description="For a job a schedule enqueued: true when it stands for an occurrence "
-        "missed while no scheduler ran (the latest one; earlier missed ones are dropped).",
+        description="For a job a schedule enqueued: true when it was enqueued late, for "
+        "the latest of several occurrences that came due while no scheduler ran (the "
+        "earlier ones are dropped), or over 60 s after its occurrence; false when on time.",
         examples=[None],
     )
     state: Literal["failed"] = "failed"
