@@ -14,6 +14,7 @@ from app.queue.schedules import Schedule
 
 router = APIRouter(prefix="/schedules", tags=["schedules"])
 
+
 def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     out = responses(*statuses)
     if 404 in out:

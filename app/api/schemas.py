@@ -1,6 +1,7 @@
 """Request and response bodies: strict JSON in, UTC timestamps with microseconds out."""
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Literal
@@ -22,6 +23,8 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
+
+from app.queue.schedules import check_cron, check_timezone
 
 EXAMPLE_TIME = "2026-11-28T15:04:05.123456Z"
 EXAMPLE_JOB_ID = "019ac5a1b2c3d4e5f6a7b8c9d0e1f2a3"
@@ -1041,16 +1044,9 @@ class QueuePatch(StrictBody):
 SCHEDULE_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,255}$"
 
 
-def _cron(value: str) -> str:
-    from app.queue.schedules import check_cron  # the rules live with the schedules
-
-    return check_cron(value)
-
-
-def _timezone(value: str) -> str:
-    from app.queue.schedules import check_timezone
-
-    return check_timezone(value)
+def _or_none(check: Callable[[str], str]) -> Callable[[str | None], str | None]:
+    """A string check that lets null (absent) through."""
+    return lambda value: None if value is None else check(value)
 
 
 class ScheduleRequest(StrictBody):
@@ -1096,7 +1092,7 @@ class ScheduleRequest(StrictBody):
         description="Fixed rate: an occurrence every this many ms after the time of the PUT "
         "that last set the timing (the first one interval after it). Give this or `cron`.",
     )
-    cron: Annotated[str | None, AfterValidator(lambda v: v if v is None else _cron(v))] = Field(
+    cron: Annotated[str | None, AfterValidator(_or_none(check_cron))] = Field(
         default=None,
         max_length=255,
         strict=True,
@@ -1104,14 +1100,12 @@ class ScheduleRequest(StrictBody):
         "read in `timezone`. Give this or `interval_ms`.",
         examples=["30 2 * * *"],
     )
-    timezone: Annotated[str | None, AfterValidator(lambda v: v if v is None else _timezone(v))] = (
-        Field(
-            default=None,
-            max_length=255,
-            strict=True,
-            description="The IANA time zone `cron` is read in (only with `cron`). Default: UTC.",
-            examples=["Europe/Berlin"],
-        )
+    timezone: Annotated[str | None, AfterValidator(_or_none(check_timezone))] = Field(
+        default=None,
+        max_length=255,
+        strict=True,
+        description="The IANA time zone `cron` is read in (only with `cron`). Default: UTC.",
+        examples=["Europe/Berlin"],
     )
     paused: bool = Field(default=False, strict=True, description="While true, nothing is enqueued.")
     skip_if_running: bool = Field(
