@@ -9,7 +9,18 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import auth, bulk, errors, events, health, jobs, leases, observability, queues
+from app.api import (
+    auth,
+    bulk,
+    errors,
+    events,
+    health,
+    jobs,
+    leases,
+    observability,
+    queues,
+    schedules,
+)
 from app.api.auth import parse_tokens
 from app.api.body import with_documented_bodies
 from app.api.fastlane import FastLane
@@ -35,6 +46,7 @@ ROUTERS = (
     auth.router,
     events.router,
     queues.router,
+    schedules.router,
 )
 
 DESCRIPTION = """\
@@ -99,6 +111,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             ),
             asyncio.create_task(
                 repeat(settings.prune_interval_s, service.prune_history, "pruning history")
+            ),
+            asyncio.create_task(
+                repeat(settings.scheduler_interval_ms / 1000, service.schedules.tick, "scheduling")
             ),
         ]
         undo_signals = on_stop_signal(service.stop_waiting)

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     retry_base_ms: int = Field(default=1000, ge=0)
     retry_max_ms: int = Field(default=3_600_000, ge=0)
     reaper_interval_ms: int = Field(default=250, ge=10, le=1000)
+    # How often each replica looks for schedules that have come due (a read when none has).
+    scheduler_interval_ms: int = Field(default=500, ge=10, le=60_000)
     # Per job name with long polls waiting, how often the database is re-read (jittered
     # ±25 %): a safety net for lost news, not how waiters learn of jobs.
     poll_recheck_ms: int = Field(default=5000, ge=10)

@@ -38,6 +38,10 @@ REQUESTS = [  # (scope needed, method, path, body)
     ("admin", "POST", "/jobs/x/retry", None),
     ("admin", "POST", "/jobs/retry", {"ids": ["x"]}),
     ("admin", "POST", "/jobs/delete", {"filter": {"state": "failed"}}),
+    ("admin", "PUT", "/schedules/x", {"name": "a", "payload": "p", "interval_ms": 60000}),
+    ("admin", "DELETE", "/schedules/x", None),
+    ("read", "GET", "/schedules", None),
+    ("read", "GET", "/schedules/x", None),
 ]
 
 

@@ -111,7 +111,11 @@ def required_only(value: Any, schema: dict[str, Any], schemas: dict[str, Any]) -
         return [required_only(item, schema.get("items", {}), schemas) for item in value]
     if isinstance(value, dict):
         fields = schema.get("properties", {})
-        required = schema.get("required", [])
+        required = list(schema.get("required", []))
+        # A oneOf of required fields (a schedule's interval_ms or cron): the first branch
+        # the example satisfies is required too.
+        branches = [b.get("required", []) for b in schema.get("oneOf", [])]
+        required += next((b for b in branches if all(k in value for k in b)), [])
         return {
             k: required_only(v, fields.get(k, {}), schemas)
             for k, v in value.items()

@@ -191,6 +191,9 @@ async def test_get_shows_succeeded_and_failed_jobs(client: httpx.AsyncClient) ->
         "available_at",
         "succeeded_at",
         "priority",
+        "schedule_id",
+        "scheduled_for",
+        "catch_up",
         "state",
     }
     dead = (await client.get(f"/jobs/{bad['id']}")).json()
@@ -205,6 +208,9 @@ async def test_get_shows_succeeded_and_failed_jobs(client: httpx.AsyncClient) ->
         "available_at",
         "failed_at",
         "priority",
+        "schedule_id",
+        "scheduled_for",
+        "catch_up",
         "state",
     }
 

@@ -44,6 +44,10 @@ def test_every_operation_is_described_with_its_errors() -> None:
         ("/leases/{lease_id}", "delete"),
         ("/healthz", "get"),
         ("/readyz", "get"),
+        ("/schedules", "get"),
+        ("/schedules/{schedule_id}", "put"),
+        ("/schedules/{schedule_id}", "get"),
+        ("/schedules/{schedule_id}", "delete"),
     }
     found = {(path, method) for path, method, _ in operations(spec)}
     assert expected <= found
@@ -56,7 +60,15 @@ def test_every_operation_is_described_with_its_errors() -> None:
         if "{" in path:
             assert "404" in op["responses"], (path, method)
     schemas = spec["components"]["schemas"]
-    for name in ("EnqueueRequest", "LeaseRequest", "FailRequest", "ExtendRequest", "JobOut"):
+    for name in (
+        "EnqueueRequest",
+        "LeaseRequest",
+        "FailRequest",
+        "ExtendRequest",
+        "JobOut",
+        "ScheduleRequest",
+        "ScheduleOut",
+    ):
         assert schemas[name].get("examples"), name
     assert schemas["ErrorOut"]["properties"]["detail"]["type"] == "string"
 

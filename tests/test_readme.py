@@ -42,6 +42,25 @@ def test_walk_through_runs_as_written(server_process: Any) -> None:
     assert '"concurrency_limit":5,"rate_limit":{"count":10,"per_ms":1000}' in out  # the PATCH
 
 
+def test_recurring_schedules_example_runs_as_written(server_process: Any) -> None:
+    (script,) = code_blocks("Recurring schedules")
+    assert script.startswith("URL=http://127.0.0.1:8000\n")
+    with server_process() as server:
+        script = script.replace("URL=http://127.0.0.1:8000", f"URL={server.url}", 1)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count('"id":"nightly-report"') == 2  # its PUT, and in the list
+    assert '"schedule_id":"heartbeat"' in out and '"catch_up":false' in out
+    assert '"timezone":"Europe/Berlin"' in out
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     run, test = code_blocks("Set up")
     assert "bgjobs serve" in run

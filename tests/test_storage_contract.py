@@ -32,6 +32,7 @@ from app.queue.models import (
     pending_state,
 )
 from app.queue.ports import FailItem, HistoryQuery, LeasePosition, PendingQuery, Storage
+from app.queue.schedules import Firing, Schedule
 from app.storage import open_storage
 from app.storage.migrate import head_revision
 
@@ -1671,3 +1672,112 @@ async def test_reserved_jobs_list_in_order_by_name_cursor_and_search(storage: St
     bounded = PendingQuery("reserved", None, 10, None, q="p", scan=2)
     assert await ids(bounded) == ["j0", "j1"]
     assert await storage.search_end("pending", bounded, at(20)) == (at(1), "j1")
+
+
+# -- schedules ----------------------------------------------------------------------------
+
+
+def a_schedule(schedule_id: str = "s1", *, next_run_at: datetime | None = None) -> Schedule:
+    return Schedule(
+        schedule_id, "report", "{}", 2, 4, 60_000, None, None, False, True,
+        at(0, 7), next_run_at or at(60, 7), None, None, at(0, 7), at(0, 7),
+    )  # fmt: skip
+
+
+def firing(
+    expected: datetime, occurrence: datetime, then: datetime | None, skip: bool = False
+) -> Firing:
+    return Firing("s1", expected, occurrence, False, then, skip, occurrence)
+
+
+def scheduled_job(occurrence: datetime, job_id: str, catch_up: bool = False) -> NewJob:
+    return NewJob(job_id, "report", "{}", 0, occurrence, occurrence, 4, "s1", occurrence, catch_up)
+
+
+async def test_schedules_are_created_replaced_read_and_deleted(storage: Storage) -> None:
+    schedule = a_schedule()
+    await storage.put_schedule(schedule, True)
+    assert await storage.schedules("s1") == [schedule]
+    assert await storage.schedules("nope") == []
+    changed = a_schedule(next_run_at=at(999))
+    changed.payload, changed.paused, changed.updated_at = "v2", True, at(5)
+    await storage.put_schedule(changed, False)  # not retimed: next_run_at stays
+    [found] = await storage.schedules()
+    assert (found.payload, found.paused, found.updated_at) == ("v2", True, at(5))
+    assert found.next_run_at == at(60, 7)
+    await storage.put_schedule(changed, True)
+    assert (await storage.schedules("s1"))[0].next_run_at == at(999)
+    assert await storage.delete_schedule("s1") is True
+    assert await storage.delete_schedule("s1") is False
+    assert await storage.schedules() == []
+
+
+async def test_due_schedules_are_the_unpaused_ones_whose_time_has_come(storage: Storage) -> None:
+    for schedule_id, moment in (("late", at(30)), ("early", at(10)), ("future", at(100))):
+        await storage.put_schedule(a_schedule(schedule_id, next_run_at=moment), True)
+    paused = a_schedule("paused", next_run_at=at(1))
+    paused.paused = True
+    await storage.put_schedule(paused, True)
+    due = await storage.due_schedules(at(30), 10)
+    assert [s.id for s in due] == ["early", "late"]
+    assert [s.id for s in await storage.due_schedules(at(30), 1)] == ["early"]
+
+
+async def test_a_fired_occurrence_enqueues_one_job_that_keeps_its_schedule(
+    storage: Storage,
+) -> None:
+    await storage.put_schedule(a_schedule(), True)
+    job = await storage.fire_schedule(
+        firing(at(60, 7), at(60, 7), at(120, 7)), scheduled_job(at(60, 7), "sj1")
+    )
+    assert isinstance(job, Job) and job.schedule_id == "s1" and job.catch_up is False
+    [schedule] = await storage.schedules()
+    assert (schedule.next_run_at, schedule.last_run_at) == (at(120, 7), at(60, 7))
+    assert schedule.last_job_id == "sj1"
+    got = await storage.get("sj1", at(61))
+    assert isinstance(got, Job)
+    assert (got.schedule_id, got.scheduled_for, got.catch_up) == ("s1", at(60, 7), False)
+    # The occurrence again, however the guard is met: refused by the run record.
+    again = firing(at(120, 7), at(60, 7), at(180, 7))
+    assert await storage.fire_schedule(again, scheduled_job(at(60, 7), "sj2")) == "duplicate"
+    assert await storage.get("sj2", at(61)) is None
+    # A firing decided from an older read of the schedule changes nothing.
+    stale = firing(at(60, 7), at(180, 7), at(240, 7))
+    assert await storage.fire_schedule(stale, scheduled_job(at(180, 7), "sj3")) == "stale"
+    # The schedule fields travel with the job: lease, release, fail, retry, ack.
+    [lease] = await reserve(storage, ["report"], now=at(62))
+    assert (lease.job.schedule_id, lease.job.scheduled_for) == ("s1", at(60, 7))
+    released = await storage.release("sj1", lease.id, at(63))
+    assert released is not None and released.catch_up is False
+    [lease] = await reserve(storage, ["report"], now=at(64))
+    buried = await storage.fail("sj1", lease.id, at(65), "boom", give_up())
+    assert isinstance(buried, Buried) and buried.job.scheduled_for == at(60, 7)
+    [dead] = await storage.list_failed(history())
+    assert (dead.schedule_id, dead.scheduled_for, dead.catch_up) == ("s1", at(60, 7), False)
+    retried = await storage.retry_failed("sj1", at(66))
+    assert retried is not None and retried.schedule_id == "s1"
+    [lease] = await reserve(storage, ["report"], now=at(67))
+    retrying = await storage.fail("sj1", lease.id, at(68), "again", retry_at(at(69)))
+    assert isinstance(retrying, Retrying) and retrying.job.schedule_id == "s1"
+    [lease] = await reserve(storage, ["report"], now=at(70))
+    done = await storage.ack("sj1", lease.id, at(71))
+    assert done is not None and (done.schedule_id, done.scheduled_for) == ("s1", at(60, 7))
+    [listed] = await storage.list_succeeded(history())
+    assert (listed.schedule_id, listed.scheduled_for, listed.catch_up) == ("s1", at(60, 7), False)
+    assert await storage.get("sj1", at(72)) == listed
+
+
+async def test_an_occurrence_is_skipped_while_the_last_job_is_pending(storage: Storage) -> None:
+    await storage.put_schedule(a_schedule(), True)
+    first = firing(at(60, 7), at(60, 7), at(120, 7), skip=True)
+    assert isinstance(await storage.fire_schedule(first, scheduled_job(at(60, 7), "a")), Job)
+    second = firing(at(120, 7), at(120, 7), at(180, 7), skip=True)
+    assert await storage.fire_schedule(second, scheduled_job(at(120, 7), "b")) == "skipped"
+    [schedule] = await storage.schedules()
+    assert (schedule.next_run_at, schedule.last_job_id) == (at(180, 7), "a")
+    assert await storage.cancel("a") == "deleted"  # gone: the next one runs
+    third = firing(at(180, 7), at(180, 7), at(240, 7), skip=True)
+    assert isinstance(await storage.fire_schedule(third, scheduled_job(at(180, 7), "c")), Job)
+    # Run records are pruned by occurrence time, oldest first.
+    assert await storage.prune("schedule_runs", at(150), 10) == 2
+    assert await storage.prune("schedule_runs", at(150), 10) == 0

@@ -132,7 +132,8 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return f"{where}: unknown field (check its spelling against the API spec)"
     if kind == "string_pattern_mismatch":
-        return f"{where}: a job name is 1..255 characters of A-Z a-z 0-9 _ . : -"
+        what = "a schedule id" if where.endswith("schedule_id") else "a job name"
+        return f"{where}: {what} is 1..255 characters of A-Z a-z 0-9 _ . : -"
     if kind in ("model_attributes_type", "dict_type", "model_type"):
         if isinstance(error.get("input"), str | bytes) and where == "body":
             return "body: must be a JSON object sent with Content-Type: application/json"

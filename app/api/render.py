@@ -45,6 +45,10 @@ def job(found: AnyJob) -> dict[str, Any]:
         out["available_at"] = format_timestamp(found.available_at)
         out["failed_at"] = format_timestamp(found.failed_at)
     out["priority"] = found.priority
+    out["schedule_id"] = found.schedule_id
+    scheduled_for = found.scheduled_for
+    out["scheduled_for"] = None if scheduled_for is None else format_timestamp(scheduled_for)
+    out["catch_up"] = found.catch_up
     out["state"] = found.state
     return out
 

@@ -1,6 +1,7 @@
 """Request and response bodies: strict JSON in, UTC timestamps with microseconds out."""
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Literal
@@ -22,6 +23,8 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
+
+from app.queue.schedules import check_cron, check_timezone
 
 EXAMPLE_TIME = "2026-11-28T15:04:05.123456Z"
 EXAMPLE_JOB_ID = "019ac5a1b2c3d4e5f6a7b8c9d0e1f2a3"
@@ -440,6 +443,9 @@ class JobOut(BaseModel):
                     "reserved_by": None,
                     "lease_expires_at": None,
                     "priority": 0,
+                    "schedule_id": None,
+                    "scheduled_for": None,
+                    "catch_up": None,
                     "state": "available",
                 }
             ]
@@ -460,6 +466,20 @@ class JobOut(BaseModel):
         "counts as failed by its worker and retries or fails); null otherwise."
     )
     priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
+    schedule_id: str | None = Field(
+        description="The schedule that enqueued this job (PUT /schedules/{schedule_id}); "
+        "null for a job a producer enqueued.",
+        examples=[None],
+    )
+    scheduled_for: Timestamp | None = Field(
+        description="For a job a schedule enqueued: the occurrence it stands for.",
+    )
+    catch_up: bool | None = Field(
+        description="For a job a schedule enqueued: true when it was enqueued late, for "
+        "the latest of several occurrences that came due while no scheduler ran (the "
+        "earlier ones are dropped), or over 60 s after its occurrence; false when on time.",
+        examples=[None],
+    )
     state: Literal["available", "scheduled", "reserved"]
 
 
@@ -477,6 +497,9 @@ class SucceededJobOut(BaseModel):
                     "available_at": EXAMPLE_TIME,
                     "succeeded_at": EXAMPLE_TIME,
                     "priority": 0,
+                    "schedule_id": None,
+                    "scheduled_for": None,
+                    "catch_up": None,
                     "state": "succeeded",
                 }
             ]
@@ -491,6 +514,20 @@ class SucceededJobOut(BaseModel):
     available_at: Timestamp
     succeeded_at: Timestamp
     priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
+    schedule_id: str | None = Field(
+        description="The schedule that enqueued this job (PUT /schedules/{schedule_id}); "
+        "null for a job a producer enqueued.",
+        examples=[None],
+    )
+    scheduled_for: Timestamp | None = Field(
+        description="For a job a schedule enqueued: the occurrence it stands for.",
+    )
+    catch_up: bool | None = Field(
+        description="For a job a schedule enqueued: true when it was enqueued late, for "
+        "the latest of several occurrences that came due while no scheduler ran (the "
+        "earlier ones are dropped), or over 60 s after its occurrence; false when on time.",
+        examples=[None],
+    )
     state: Literal["succeeded"] = "succeeded"
 
 
@@ -509,6 +546,9 @@ class FailedJobOut(BaseModel):
                     "available_at": EXAMPLE_TIME,
                     "failed_at": EXAMPLE_TIME,
                     "priority": 0,
+                    "schedule_id": None,
+                    "scheduled_for": None,
+                    "catch_up": None,
                     "state": "failed",
                 }
             ]
@@ -524,6 +564,20 @@ class FailedJobOut(BaseModel):
     available_at: Timestamp
     failed_at: Timestamp
     priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
+    schedule_id: str | None = Field(
+        description="The schedule that enqueued this job (PUT /schedules/{schedule_id}); "
+        "null for a job a producer enqueued.",
+        examples=[None],
+    )
+    scheduled_for: Timestamp | None = Field(
+        description="For a job a schedule enqueued: the occurrence it stands for.",
+    )
+    catch_up: bool | None = Field(
+        description="For a job a schedule enqueued: true when it was enqueued late, for "
+        "the latest of several occurrences that came due while no scheduler ran (the "
+        "earlier ones are dropped), or over 60 s after its occurrence; false when on time.",
+        examples=[None],
+    )
     state: Literal["failed"] = "failed"
 
 
@@ -1028,3 +1082,141 @@ class QueuePatch(StrictBody):
         if value is None:
             raise ValueError("must not be null: send true or false, or leave it out")
         return value
+
+
+SCHEDULE_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,255}$"
+
+
+def _or_none(check: Callable[[str], str]) -> Callable[[str | None], str | None]:
+    """A string check that lets null (absent) through."""
+    return lambda value: None if value is None else check(value)
+
+
+class ScheduleRequest(StrictBody):
+    """A recurring schedule: every `interval_ms`, or at the times of a `cron` expression in
+    `timezone`; each occurrence enqueues one job of `name` with `payload`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            # Exactly one of interval_ms and cron (null counts as absent), and a timezone
+            # only with cron.
+            "oneOf": [
+                {"required": ["interval_ms"], "properties": {"interval_ms": {"type": "integer"}}},
+                {"required": ["cron"], "properties": {"cron": {"type": "string"}}},
+            ],
+            "not": {
+                "required": ["interval_ms", "timezone"],
+                "properties": {
+                    "interval_ms": {"type": "integer"},
+                    "timezone": {"type": "string"},
+                },
+            },
+            "examples": [
+                {"name": "report.daily", "payload": "{}", "cron": "30 2 * * *",
+                 "timezone": "Europe/Berlin"},
+                {"name": "heartbeat", "payload": "", "interval_ms": 60000,
+                 "skip_if_running": False},
+            ],
+        }
+    )  # fmt: skip
+
+    name: JobName
+    payload: Payload
+    max_retries: Annotated[int, Integral] = strict_int(
+        0, 100, default=3, description="max_retries of each job it enqueues."
+    )
+    priority: Annotated[int, Integral] = strict_int(
+        0, 9, default=0, description="priority of each job it enqueues (0 to 9, lower first)."
+    )
+    interval_ms: Annotated[int | None, Integral] = strict_int(
+        1000,
+        31_536_000_000,
+        default=None,
+        description="Fixed rate: an occurrence every this many ms after the time of the PUT "
+        "that last set the timing (the first one interval after it). Give this or `cron`.",
+    )
+    cron: Annotated[str | None, AfterValidator(_or_none(check_cron))] = Field(
+        default=None,
+        max_length=255,
+        strict=True,
+        description="5 fields (minute hour day-of-month month day-of-week) as in crontab, "
+        "read in `timezone`. Give this or `interval_ms`.",
+        examples=["30 2 * * *"],
+    )
+    timezone: Annotated[str | None, AfterValidator(_or_none(check_timezone))] = Field(
+        default=None,
+        max_length=255,
+        strict=True,
+        description="The IANA time zone `cron` is read in (only with `cron`). Default: UTC.",
+        examples=["Europe/Berlin"],
+    )
+    paused: bool = Field(default=False, strict=True, description="While true, nothing is enqueued.")
+    skip_if_running: bool = Field(
+        default=True,
+        strict=True,
+        description="Skip an occurrence while the job of the previous one is still pending "
+        "(available, scheduled or reserved).",
+    )
+
+    @model_validator(mode="after")
+    def _one_timing(self) -> "ScheduleRequest":
+        if (self.interval_ms is None) == (self.cron is None):
+            raise ValueError("give exactly one of interval_ms and cron")
+        if self.timezone is not None and self.cron is None:
+            raise ValueError("timezone applies to cron only; leave it out with interval_ms")
+        return self
+
+
+class ScheduleOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "nightly-report",
+                    "name": "report.daily",
+                    "payload": "{}",
+                    "max_retries": 3,
+                    "priority": 0,
+                    "interval_ms": None,
+                    "cron": "30 2 * * *",
+                    "timezone": "Europe/Berlin",
+                    "paused": False,
+                    "skip_if_running": True,
+                    "anchor_at": EXAMPLE_TIME,
+                    "next_run_at": "2026-11-29T01:30:00.000000Z",
+                    "last_run_at": None,
+                    "last_job_id": None,
+                    "created_at": EXAMPLE_TIME,
+                    "updated_at": EXAMPLE_TIME,
+                }
+            ]
+        }
+    )
+
+    id: str = Field(examples=["nightly-report"])
+    name: str
+    payload: str
+    max_retries: int
+    priority: int
+    interval_ms: int | None
+    cron: str | None
+    timezone: str | None = Field(description="With `cron`: its IANA time zone.")
+    paused: bool
+    skip_if_running: bool
+    anchor_at: Timestamp = Field(
+        description="When the timing was last set: interval occurrences are anchor_at + "
+        "k * interval_ms."
+    )
+    next_run_at: Timestamp | None = Field(
+        description="The next occurrence (null: the cron expression never matches again)."
+    )
+    last_run_at: Timestamp | None = Field(
+        description="The occurrence the last job it enqueued stands for."
+    )
+    last_job_id: str | None = Field(description="The last job it enqueued.")
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class SchedulesOut(BaseModel):
+    schedules: list[ScheduleOut] = Field(description="Every schedule, by id.")

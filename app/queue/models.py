@@ -41,6 +41,11 @@ class Job:
     state: PendingState
     lease_expires_at: datetime | None = None  # while reserved: when the lease runs out
     priority: int = 0  # 0-9, lower runs first
+    # A job a schedule made: the schedule, the occurrence it stands for, and whether it
+    # was the one missed occurrence enqueued late (a catch-up). None for other jobs.
+    schedule_id: str | None = None
+    scheduled_for: datetime | None = None
+    catch_up: bool | None = None
 
 
 @dataclass(slots=True)
@@ -53,6 +58,9 @@ class SucceededJob:
     available_at: datetime
     succeeded_at: datetime
     priority: int = 0
+    schedule_id: str | None = None
+    scheduled_for: datetime | None = None
+    catch_up: bool | None = None
     state: Literal["succeeded"] = "succeeded"
     # When the lease that acked it began: for metrics, not part of the job's value.
     leased_at: datetime | None = field(default=None, compare=False)
@@ -69,6 +77,9 @@ class FailedJob:
     available_at: datetime
     failed_at: datetime
     priority: int = 0
+    schedule_id: str | None = None
+    scheduled_for: datetime | None = None
+    catch_up: bool | None = None
     state: Literal["failed"] = "failed"
 
 
@@ -86,6 +97,9 @@ class NewJob:
     created_at: datetime
     available_at: datetime
     priority: int = 0
+    schedule_id: str | None = None
+    scheduled_for: datetime | None = None
+    catch_up: bool | None = None
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ from app.queue.models import (
     RetryDecision,
     SucceededJob,
 )
+from app.queue.schedules import Firing, Schedule
 
 CancelResult = Literal["deleted", "reserved", "missing"]
 # Where a delete may find its job: anywhere (a single DELETE /jobs/{id}), or only in one
@@ -38,8 +39,18 @@ CancelResult = Literal["deleted", "reserved", "missing"]
 DeleteScope = Literal["any", "pending", "succeeded", "failed"]
 BulkState = Literal["available", "scheduled", "succeeded", "failed"]
 PruneKind = Literal[
-    "succeeded", "failed", "idempotency_keys", "batch_keys", "finished_counts", "due_counts"
+    "succeeded",
+    "failed",
+    "idempotency_keys",
+    "batch_keys",
+    "finished_counts",
+    "due_counts",
+    "schedule_runs",
 ]
+# What firing one occurrence of a schedule did: enqueued this job; skipped it (the
+# previous job still pending, recorded with no job); found it handled already (another
+# replica, or an earlier run of this one); or found the schedule changed since it was read.
+FireResult = Job | Literal["skipped", "duplicate", "stale"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -292,3 +303,26 @@ class Storage(Protocol):
 
     async def prune(self, kind: PruneKind, before: datetime, limit: int) -> int:
         """Delete up to `limit` of the oldest rows of `kind` older than `before`."""
+
+    # -- schedules ------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: Schedule, retimed: bool) -> None:
+        """Create or replace the schedule `schedule.id`. Unless `retimed`, an existing
+        schedule keeps its `next_run_at` (the scheduler may have moved it since it was
+        read); its `last_run_at`, `last_job_id` and `created_at` are always kept."""
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """False if there was no such schedule."""
+
+    async def schedules(self, schedule_id: str | None = None) -> list[Schedule]:
+        """Every schedule by id (or the one asked for): a read."""
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[Schedule]:
+        """Unpaused schedules whose `next_run_at` has come, earliest first: a read."""
+
+    async def fire_schedule(self, firing: Firing, job: NewJob) -> FireResult:
+        """In one transaction: move the schedule's `next_run_at` on (only if it is still
+        `firing.expected_next`), insert the run record (schedule id, occurrence) unless it
+        exists, and only if it was inserted enqueue `job` and record it as the schedule's
+        last job. While the previous job is pending and `skip_if_running` holds, record
+        the run with no job instead."""

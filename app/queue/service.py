@@ -69,6 +69,7 @@ from app.queue.ports import (
     PruneKind,
     Storage,
 )
+from app.queue.scheduler import Scheduler
 
 SEARCH_SCAN = 10_000  # rows a search (`q=`) reads per page at most
 GROUP_SCAN = 10_000  # failed jobs GET /jobs/failed/groups reads, newest first
@@ -77,6 +78,7 @@ events = logging.getLogger("bgjobs.jobs")  # lifecycle events, one line each
 
 COUNTS_TTL_S = 1.0  # job counts are read at most once a second, however many scrapers
 FINISHED_COUNTS_HOURS = 25  # per-minute finished counts kept: /stats looks back 24 h
+SCHEDULE_RUNS_HOURS = 48  # run records kept (a schedule's next run is always after them)
 
 
 @dataclass(slots=True, frozen=True)
@@ -232,6 +234,7 @@ class QueueService:
         self._counts: tuple[float, list[NameCounts]] | None = None
         self._counts_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self.schedules = Scheduler(self)
 
     @property
     def waiting(self) -> int:
@@ -335,6 +338,16 @@ class QueueService:
         if done.created:
             self._announce_all(news, now)
         return list(zip(done.ids, done.jobs, strict=True)), done.created
+
+    def record_enqueued(self, job: Job, now: datetime) -> None:
+        """A job the server enqueued itself (a schedule's): announced to waiting polls,
+        counted and published like a producer's."""
+        self._announce(job.name, job.available_at, now)
+        self.observer.enqueued(job.name, 1)
+        self.hub.publish(job.id, job.name, "enqueued", job.state, now)
+
+    def check_size(self, payload: str, where: str) -> None:
+        self._check_size(payload, where)
 
     def _check_size(self, payload: str, where: str) -> None:
         size = len(payload.encode())
@@ -744,6 +757,8 @@ class QueueService:
             if hours > 0:
                 pruned += await self._prune(kind, now - timedelta(hours=hours), batch)
         await self._prune("finished_counts", now - timedelta(hours=FINISHED_COUNTS_HOURS), batch)
+        # Run records of occurrences long past guard nothing any more.
+        await self._prune("schedule_runs", now - timedelta(hours=SCHEDULE_RUNS_HOURS), batch)
         # Due minutes gone by, by the system clock: the one that decides what is counted.
         await self._prune("due_counts", datetime.now(UTC) - timedelta(minutes=10), batch)
         return pruned

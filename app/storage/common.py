@@ -40,6 +40,7 @@ from app.queue.ports import (
     FailItem,
     FailureGroup,
     Finished,
+    FireResult,
     HistoryQuery,
     LeasePosition,
     NameCounts,
@@ -47,6 +48,7 @@ from app.queue.ports import (
     PruneKind,
     WalkQuery,
 )
+from app.queue.schedules import Firing, Schedule
 from app.storage import migrate
 from app.storage.tables import (
     DueCountRow,
@@ -55,6 +57,7 @@ from app.storage.tables import (
     JobCountRow,
     JobRow,
     QueueRow,
+    ScheduleRow,
     SucceededJobRow,
 )
 from app.storage.writer import Op, Writer
@@ -66,6 +69,7 @@ counts = JobCountRow.__table__  # type: ignore[attr-defined]
 finished = FinishedPerMinuteRow.__table__  # type: ignore[attr-defined]
 due = DueCountRow.__table__  # type: ignore[attr-defined]
 queues = QueueRow.__table__  # type: ignore[attr-defined]
+schedules_table = ScheduleRow.__table__  # type: ignore[attr-defined]
 TABLES = (jobs, succeeded, failed)
 NAMES_CHUNK = 1000  # ids per query in `names_of` (three IN lists: well under bind limits)
 
@@ -161,13 +165,19 @@ def epoch_minute(moment: datetime) -> int:
 
 
 # Column lists of the hand-written statements, in the order the builders below read them.
+# The schedule columns come last, so the indexes of the others stay as they were.
+SCHEDULE_COLUMNS = "schedule_id, scheduled_for, catch_up"
 JOB_COLUMNS = (
     "id, name, payload, attempts, max_retries, created_at, available_at, reserved_at, "
-    "reserved_by, lease_expires_at, priority"
+    f"reserved_by, lease_expires_at, priority, {SCHEDULE_COLUMNS}"
 )
-SUCCEEDED_COLUMNS = "id, name, payload, attempts, created_at, available_at, succeeded_at, priority"
+SUCCEEDED_COLUMNS = (
+    "id, name, payload, attempts, created_at, available_at, succeeded_at, priority, "
+    f"{SCHEDULE_COLUMNS}"
+)
 FAILED_COLUMNS = (
-    "id, name, payload, attempts, exception, created_at, available_at, failed_at, priority"
+    "id, name, payload, attempts, exception, created_at, available_at, failed_at, priority, "
+    f"{SCHEDULE_COLUMNS}"
 )
 
 # The tables a prune kind deletes from: (table, key column, time column).
@@ -180,7 +190,14 @@ PRUNED: dict[str, tuple[str, str, str]] = {
     "finished_counts": ("finished_per_minute", "minute", "minute"),
     # Minutes gone by are never read again (see DueCountRow); the bound is an epoch minute.
     "due_counts": ("due_counts", "minute", "minute"),
+    # Run records only guard against a second enqueue of an occurrence while it is recent;
+    # the rows of one occurrence time go together.
+    "schedule_runs": ("schedule_runs", "scheduled_for", "scheduled_for"),
 }
+SCHEDULE_FIELDS = (
+    "id, name, payload, max_retries, priority, interval_ms, cron, timezone, paused, "
+    "skip_if_running, anchor_at, next_run_at, last_run_at, last_job_id, created_at, updated_at"
+)
 
 
 KEPT_COUNTS = ("pending", "reserved", "succeeded", "failed")
@@ -201,10 +218,16 @@ def job_from(row: Sequence[Any], now: datetime) -> Job:
     """A Job from the JOB_COLUMNS of a row (times already converted)."""
     id_, name, payload, attempts, max_retries, created, available, reserved, by = row[:9]
     state = pending_state(available, reserved, now)
+    schedule = (row[11], row[12], flag(row[13])) if len(row) > 11 else (None, None, None)
     return Job(
         id_, name, payload, attempts, max_retries, created, available, reserved, by, state,
-        row[9], row[10],
+        row[9], row[10], *schedule,
     )  # fmt: skip
+
+
+def flag(value: Any) -> bool | None:
+    """A nullable boolean as stored (SQLite keeps 0 and 1)."""
+    return None if value is None else bool(value)
 
 
 def new_job(job: NewJob, now: datetime) -> Job:
@@ -212,7 +235,7 @@ def new_job(job: NewJob, now: datetime) -> Job:
     state = pending_state(job.available_at, None, now)
     return Job(
         job.id, job.name, job.payload, 0, job.max_retries, job.created_at, job.available_at,
-        None, None, state, None, job.priority,
+        None, None, state, None, job.priority, job.schedule_id, job.scheduled_for, job.catch_up,
     )  # fmt: skip
 
 
@@ -230,10 +253,11 @@ def handed_lease(job: NewJob, now: datetime, worker_id: str, expires_at: datetim
 
 
 def leases_from(rows: Sequence[Sequence[Any]], expires_at: datetime) -> list[Lease]:
-    """Leases from reserve's RETURNING rows (JOB_COLUMNS then lease_id). RETURNING order is
-    unspecified: hand leases out in the order they were picked (priority, then oldest)."""
+    """Leases from reserve's RETURNING rows (JOB_COLUMNS then lease_id, the last). RETURNING
+    order is unspecified: hand leases out in the order they were picked (priority, then
+    oldest)."""
     ordered = sorted(rows, key=lambda row: (row[10], row[6], row[0]))
-    return [Lease(row[11], expires_at, job_from(row, expires_at)) for row in ordered]
+    return [Lease(row[-1], expires_at, job_from(row, expires_at)) for row in ordered]
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -320,6 +344,37 @@ class SqlStorage:
 
     async def configure_queue(self, name: str, change: QueueChange, now: datetime) -> None:
         await self._writer.submit("configure_queue", (name, change, now))
+
+    async def put_schedule(self, schedule: Schedule, retimed: bool) -> None:
+        await self._writer.submit("put_schedule", (schedule, retimed))
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        result: bool = await self._writer.submit("delete_schedule", schedule_id)
+        return result
+
+    async def fire_schedule(self, firing: Firing, job: NewJob) -> FireResult:
+        result: FireResult = await self._writer.submit("fire_schedule", (firing, job))
+        return result
+
+    async def schedules(self, schedule_id: str | None = None) -> list[Schedule]:
+        query = select(*(schedules_table.c[c] for c in SCHEDULE_FIELDS.split(", ")))
+        if schedule_id is not None:
+            query = query.where(schedules_table.c.id == schedule_id)
+        async with self._read() as conn:
+            rows = (await conn.execute(query.order_by(schedules_table.c.id))).all()
+        return [Schedule(*row) for row in rows]
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[Schedule]:
+        table = schedules_table
+        query = (
+            select(*(table.c[c] for c in SCHEDULE_FIELDS.split(", ")))
+            .where(table.c.next_run_at <= now, table.c.paused.is_(False))
+            .order_by(table.c.next_run_at)
+            .limit(limit)
+        )
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Schedule(*row) for row in rows]
 
     async def queue_settings(self, name: str | None = None) -> dict[str, QueueSettings]:
         query = select(*SETTINGS_COLUMNS)

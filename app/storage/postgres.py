@@ -41,12 +41,15 @@ from app.queue.models import (
     Retrying,
     SucceededJob,
 )
-from app.queue.ports import CancelResult, DeleteScope
+from app.queue.ports import CancelResult, DeleteScope, FireResult
+from app.queue.schedules import Firing, Schedule
 from app.storage import migrate
 from app.storage.common import (
     FAILED_COLUMNS,
     JOB_COLUMNS,
     PRUNED,
+    SCHEDULE_COLUMNS,
+    SCHEDULE_FIELDS,
     SUCCEEDED_COLUMNS,
     SqlStorage,
     handed_lease,
@@ -86,20 +89,24 @@ OUTAGES: tuple[type[BaseException], ...] = (
 
 INSERT_JOB = (
     "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
-    "lease_seq, priority) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    "lease_seq, priority, schedule_id, scheduled_for, catch_up) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 )
 # Many jobs in one statement: asyncpg encodes each column as one array, in C.
 INSERT_JOBS = """
 INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, lease_seq,
-    priority)
-SELECT id, name, payload, 0, max_retries, created_at, available_at, 0, priority
+    priority, schedule_id, scheduled_for, catch_up)
+SELECT id, name, payload, 0, max_retries, created_at, available_at, 0, priority, schedule_id,
+    scheduled_for, catch_up
 FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::timestamptz[],
-    $7::smallint[]) AS t(id, name, payload, max_retries, created_at, available_at, priority)
+    $7::smallint[], $8::text[], $9::timestamptz[], $10::boolean[])
+    AS t(id, name, payload, max_retries, created_at, available_at, priority, schedule_id,
+        scheduled_for, catch_up)
 """
 # A lone enqueue, and its announcement, in one statement: atomic by itself, so one round
 # trip instead of four (BEGIN, INSERT, NOTIFY, COMMIT), each of which pays for waking the
 # database's process when the server has been idle. The NOTIFY goes out at its commit.
-ENQUEUE_ONE = f"WITH inserted AS ({INSERT_JOBS}) SELECT pg_notify($8, $9)"
+ENQUEUE_ONE = f"WITH inserted AS ({INSERT_JOBS}) SELECT pg_notify($11, $12)"
 # A job handed straight to a waiting poll: inserted already reserved, with its first lease
 # (no NOTIFY: nobody else can take it).
 # Unless its name is paused or limited: then it is only enqueued (`leased` false), and a
@@ -276,11 +283,13 @@ WITH done AS (
     DELETE FROM jobs USING unnest($1::text[], $2::text[], $3::timestamptz[]) AS t(id, lease_id, at)
     WHERE jobs.id = t.id AND jobs.lease_id = t.lease_id
     RETURNING jobs.id, jobs.lease_id, jobs.name, jobs.payload, jobs.attempts, jobs.lease_seq,
-        jobs.created_at, jobs.available_at, t.at, jobs.reserved_at, jobs.priority
+        jobs.created_at, jobs.available_at, t.at, jobs.reserved_at, jobs.priority,
+        jobs.schedule_id, jobs.scheduled_for, jobs.catch_up
 ), moved AS (
     INSERT INTO succeeded_jobs (id, name, payload, attempts, lease_seq, created_at,
-        available_at, succeeded_at, priority)
-    SELECT id, name, payload, attempts, lease_seq, created_at, available_at, at, priority
+        available_at, succeeded_at, priority, schedule_id, scheduled_for, catch_up)
+    SELECT id, name, payload, attempts, lease_seq, created_at, available_at, at, priority,
+        schedule_id, scheduled_for, catch_up
     FROM done
 ), counted AS (
     INSERT INTO finished_per_minute AS f (name, minute, shard, succeeded, failed)
@@ -293,7 +302,7 @@ WITH done AS (
     WHERE name = ANY($6::text[])
 )
 SELECT id, lease_id, name, payload, attempts, created_at, available_at, at, reserved_at,
-    priority
+    priority, schedule_id, scheduled_for, catch_up
 FROM done WHERE (SELECT count(*) FROM freed) >= 0
 """
 # Per-minute counts of jobs finally failed, added at the end of the transaction that
@@ -307,7 +316,7 @@ ON CONFLICT (name, minute, shard) DO UPDATE SET failed = f.failed + excluded.fai
 """
 HELD = (
     "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq, "
-    "reserved_at, priority FROM jobs WHERE id = $1 AND lease_id = $2"
+    f"reserved_at, priority, {SCHEDULE_COLUMNS} FROM jobs WHERE id = $1 AND lease_id = $2"
 )
 HELD_FOR_FAIL = HELD + " FOR UPDATE"
 HELD_EXPIRED = HELD + " AND reserved_at IS NOT NULL AND lease_expires_at <= $3 FOR UPDATE"
@@ -318,8 +327,8 @@ REQUEUE = (
 DELETE_JOB = "DELETE FROM jobs WHERE id = $1"
 INSERT_FAILED = (
     "INSERT INTO failed_jobs (id, name, payload, attempts, max_retries, lease_seq, exception, "
-    "created_at, available_at, failed_at, priority) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    f"created_at, available_at, failed_at, priority, {SCHEDULE_COLUMNS}) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 )
 EXTEND = (
     "UPDATE jobs SET lease_expires_at = $1 "
@@ -346,10 +355,35 @@ DELETE_FINISHED = {
 }
 TAKE_FAILED = (
     "DELETE FROM failed_jobs WHERE id = $1 "
-    "RETURNING id, name, payload, max_retries, created_at, lease_seq, priority"
+    f"RETURNING id, name, payload, max_retries, created_at, lease_seq, priority, {SCHEDULE_COLUMNS}"
 )
 KEY_TABLES = {False: ("idempotency_keys", "job_id"), True: ("batch_idempotency_keys", "job_ids")}
 NOTIFY = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
+
+PUT_SCHEDULE = f"""
+INSERT INTO schedules ({SCHEDULE_FIELDS})
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, NULL, $13, $14)
+ON CONFLICT (id) DO UPDATE SET name = excluded.name, payload = excluded.payload,
+    max_retries = excluded.max_retries, priority = excluded.priority,
+    interval_ms = excluded.interval_ms, cron = excluded.cron, timezone = excluded.timezone,
+    paused = excluded.paused, skip_if_running = excluded.skip_if_running,
+    anchor_at = excluded.anchor_at, updated_at = excluded.updated_at,
+    next_run_at = CASE WHEN $15 THEN excluded.next_run_at ELSE schedules.next_run_at END
+"""
+DELETE_SCHEDULE = "DELETE FROM schedules WHERE id = $1"
+# The guard of a firing: the schedule still waits for the occurrence the scheduler read.
+# Its row lock makes a second replica firing the same occurrence wait for this commit, and
+# then find next_run_at moved on (READ COMMITTED re-checks the WHERE on the new row).
+ADVANCE_SCHEDULE = """
+UPDATE schedules SET next_run_at = $1 WHERE id = $2 AND next_run_at = $3 AND NOT paused
+RETURNING last_job_id
+"""
+INSERT_RUN = """
+INSERT INTO schedule_runs (schedule_id, scheduled_for, job_id, catch_up, created_at)
+VALUES ($1, $2, $3, $4, $5) ON CONFLICT (schedule_id, scheduled_for) DO NOTHING
+RETURNING schedule_id
+"""
+RAN = "UPDATE schedules SET last_run_at = $1, last_job_id = $2 WHERE id = $3"
 
 
 class Group:
@@ -376,7 +410,7 @@ Conn: TypeAlias = Any  # an asyncpg.Connection (asyncpg ships no type hints)
 
 
 async def _insert_jobs(conn: Conn, group: Group, jobs: list[NewJob]) -> None:
-    columns: tuple[list[Any], ...] = tuple([] for _ in range(7))
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(10))
     for job in jobs:
         for column, value in zip(columns, _row(job), strict=True):
             column.append(value)
@@ -387,7 +421,7 @@ async def _insert_jobs(conn: Conn, group: Group, jobs: list[NewJob]) -> None:
 def _row(job: NewJob) -> tuple[Any, ...]:
     return (
         job.id, job.name, job.payload, job.max_retries, job.created_at, job.available_at,
-        job.priority,
+        job.priority, job.schedule_id, job.scheduled_for, job.catch_up,
     )  # fmt: skip
 
 
@@ -537,8 +571,10 @@ async def ack(
         if row is None:
             results.append(None)
             continue
-        id_, _, name, payload, attempts, created_at, available_at, at, leased_at, rank = row
-        done = SucceededJob(id_, name, payload, attempts, created_at, available_at, at, rank)
+        id_, _, name, payload, attempts, created_at, available_at, at, leased_at, rank = row[:10]
+        done = SucceededJob(
+            id_, name, payload, attempts, created_at, available_at, at, rank, *row[10:13]
+        )
         done.leased_at = leased_at
         results.append(done)
     return results
@@ -556,22 +592,23 @@ async def fail(conn: Conn, group: Group, items: list[tuple[Any, ...]]) -> list[F
             continue
         job_id, name, payload, attempts, max_retries, created, available, lease_seq = row[:8]
         leased, rank = row[8], row[9]
+        schedule = tuple(row[10:13])
         retry_at = decide(attempts, max_retries)
         if retry_at is not None:
             await conn.execute(REQUEUE, retry_at, job_id)
             group.announce(name, retry_at)
             job = [job_id, name, payload, attempts, max_retries, created, retry_at]
-            job += [None, None, None, rank]  # no longer reserved
+            job += [None, None, None, rank, *schedule]  # no longer reserved
             results.append(Retrying(job_from(job, now), leased))
             continue
         await conn.execute(DELETE_JOB, job_id)
         if name in group.limited:
             group.announce(name, now)  # a slot is free
         values = (job_id, name, payload, attempts, max_retries, lease_seq, exception)
-        await conn.execute(INSERT_FAILED, *values, created, available, now, rank)
+        await conn.execute(INSERT_FAILED, *values, created, available, now, rank, *schedule)
         group.buried.append((name, now))
         failed = FailedJob(
-            job_id, name, payload, attempts, exception, created, available, now, rank
+            job_id, name, payload, attempts, exception, created, available, now, rank, *schedule
         )
         results.append(Buried(failed, leased))
     return results
@@ -629,14 +666,16 @@ async def retry_failed(
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, max_retries, created_at, lease_seq, rank = row
+        job_id, name, payload, max_retries, created_at, lease_seq, rank = row[:7]
+        schedule = tuple(row[7:10])
         await conn.execute(
-            INSERT_JOB, job_id, name, payload, 0, max_retries, created_at, now, lease_seq, rank
-        )
+            INSERT_JOB, job_id, name, payload, 0, max_retries, created_at, now, lease_seq, rank,
+            *schedule,
+        )  # fmt: skip
         group.announce(name, now)
         results.append(
             Job(job_id, name, payload, 0, max_retries, created_at, now, None, None, "available",
-                None, rank)
+                None, rank, *schedule)
         )  # fmt: skip
     return results
 
@@ -663,6 +702,50 @@ async def configure_queue(
         await conn.execute(sql, name, *values)
         group.announce(name, now)  # other replicas' polls look again, as for new jobs
     return [None] * len(items)
+
+
+async def put_schedule(conn: Conn, group: Group, items: list[tuple[Schedule, bool]]) -> list[None]:
+    for s, retimed in items:
+        await conn.execute(
+            PUT_SCHEDULE, s.id, s.name, s.payload, s.max_retries, s.priority, s.interval_ms,
+            s.cron, s.timezone, s.paused, s.skip_if_running, s.anchor_at, s.next_run_at,
+            s.created_at, s.updated_at, retimed,
+        )  # fmt: skip
+    return [None] * len(items)
+
+
+async def delete_schedule(conn: Conn, group: Group, items: list[str]) -> list[bool]:
+    return [await conn.execute(DELETE_SCHEDULE, some_id) == "DELETE 1" for some_id in items]
+
+
+async def fire_schedule(
+    conn: Conn, group: Group, items: list[tuple[Firing, NewJob]]
+) -> list[FireResult]:
+    """See Storage.fire_schedule. Replicas may fire one occurrence at once: the guard's row
+    lock orders them and the run record's unique key refuses the second enqueue."""
+    results: list[FireResult] = []
+    for f, job in items:
+        row = await conn.fetchrow(ADVANCE_SCHEDULE, f.next_run_at, f.schedule_id, f.expected_next)
+        if row is None:
+            results.append("stale")
+            continue
+        running = row[0] is not None and await conn.fetchval(IS_PENDING, row[0]) is not None
+        if f.skip_if_running and running:
+            skipped = await conn.fetchval(
+                INSERT_RUN, f.schedule_id, f.scheduled_for, None, f.catch_up, f.now
+            )
+            results.append("skipped" if skipped is not None else "duplicate")
+            continue
+        inserted = await conn.fetchval(
+            INSERT_RUN, f.schedule_id, f.scheduled_for, job.id, f.catch_up, f.now
+        )
+        if inserted is None:
+            results.append("duplicate")
+            continue
+        await _insert_jobs(conn, group, [job])  # announced at commit, as an enqueue is
+        await conn.execute(RAN, f.scheduled_for, job.id, f.schedule_id)
+        results.append(new_job(job, f.now))
+    return results
 
 
 async def probe(conn: Conn, group: Group, items: list[None]) -> list[None]:
@@ -703,6 +786,9 @@ HANDLERS: dict[str, Handler] = {
     "prune": prune,
     "probe": probe,
     "configure_queue": configure_queue,
+    "put_schedule": put_schedule,
+    "delete_schedule": delete_schedule,
+    "fire_schedule": fire_schedule,
 }
 
 

@@ -41,14 +41,18 @@ from app.queue.models import (
     Retrying,
     SucceededJob,
 )
-from app.queue.ports import CancelResult, DeleteScope
+from app.queue.ports import CancelResult, DeleteScope, FireResult
+from app.queue.schedules import Firing, Schedule
 from app.storage.common import (
     FAILED_COLUMNS,
     JOB_COLUMNS,
     PRUNED,
+    SCHEDULE_COLUMNS,
+    SCHEDULE_FIELDS,
     SUCCEEDED_COLUMNS,
     SqlStorage,
     epoch_minute,
+    flag,
     handed_lease,
     job_from,
     leases_from,
@@ -82,6 +86,20 @@ def dt(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
+def _dt_or_none(text: str | None) -> datetime | None:
+    return None if text is None else dt(text)
+
+
+def _ts_or_none(moment: datetime | None) -> str | None:
+    return None if moment is None else ts(moment)
+
+
+# Where the times are in rows of JOB_COLUMNS, SUCCEEDED_COLUMNS and FAILED_COLUMNS.
+JOB_TIMES = (5, 6, 7, 9, 12)
+SUCCEEDED_TIMES = (4, 5, 6, 9)
+FAILED_TIMES = (5, 6, 7, 10)
+
+
 def _times(row: sqlite3.Row | tuple[Any, ...], *at: int) -> list[Any]:
     """The row with the columns at `at` turned from stored text into aware datetimes."""
     values = list(row)
@@ -95,7 +113,8 @@ def _times(row: sqlite3.Row | tuple[Any, ...], *at: int) -> list[Any]:
 
 INSERT_JOB = (
     "INSERT INTO jobs (id, name, payload, attempts, max_retries, created_at, available_at, "
-    "lease_seq, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "lease_seq, priority, schedule_id, scheduled_for, catch_up) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # A job handed straight to a waiting poll: inserted already reserved, with its first lease.
 INSERT_LEASED = (
@@ -125,15 +144,16 @@ SELECT_SUCCEEDED = f"SELECT {SUCCEEDED_COLUMNS} FROM succeeded_jobs WHERE id = ?
 SELECT_FAILED = f"SELECT {FAILED_COLUMNS} FROM failed_jobs WHERE id = ?"
 ACK = (
     "DELETE FROM jobs WHERE id = ? AND lease_id = ? RETURNING id, name, payload, attempts, "
-    "lease_seq, created_at, available_at, reserved_at, priority"
+    f"lease_seq, created_at, available_at, reserved_at, priority, {SCHEDULE_COLUMNS}"
 )
 INSERT_SUCCEEDED = (
     "INSERT INTO succeeded_jobs (id, name, payload, attempts, lease_seq, created_at, "
-    "available_at, succeeded_at, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"available_at, succeeded_at, priority, {SCHEDULE_COLUMNS}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 HELD = (
     "SELECT id, name, payload, attempts, max_retries, created_at, available_at, lease_seq, "
-    "reserved_at, priority FROM jobs WHERE id = ? AND lease_id = ?"
+    f"reserved_at, priority, {SCHEDULE_COLUMNS} FROM jobs WHERE id = ? AND lease_id = ?"
 )
 HELD_EXPIRED = HELD + " AND reserved_at IS NOT NULL AND lease_expires_at <= ?"
 REQUEUE = (
@@ -143,7 +163,8 @@ REQUEUE = (
 DELETE_JOB = "DELETE FROM jobs WHERE id = ?"
 INSERT_FAILED = (
     "INSERT INTO failed_jobs (id, name, payload, attempts, max_retries, lease_seq, exception, "
-    "created_at, available_at, failed_at, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"created_at, available_at, failed_at, priority, {SCHEDULE_COLUMNS}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 EXTEND = (
     "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND lease_id = ? AND reserved_at IS NOT NULL"
@@ -163,7 +184,7 @@ DELETE_FINISHED = {
 }
 TAKE_FAILED = (
     "DELETE FROM failed_jobs WHERE id = ? "
-    "RETURNING id, name, payload, max_retries, created_at, lease_seq, priority"
+    f"RETURNING id, name, payload, max_retries, created_at, lease_seq, priority, {SCHEDULE_COLUMNS}"
 )
 KEY_TABLES = {False: "idempotency_keys", True: "batch_idempotency_keys"}
 COUNT_FINISHED = (
@@ -232,6 +253,31 @@ def reserve_sql(name_count: int) -> str:
         "WHERE id IN (SELECT id FROM picked WHERE n = 1 OR total <= :max_bytes) "
         f"AND reserved_at IS NULL RETURNING {JOB_COLUMNS}, lease_id"
     )
+
+
+# -- schedules --------------------------------------------------------------------------
+
+PUT_SCHEDULE = (
+    f"INSERT INTO schedules ({SCHEDULE_FIELDS}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET name = excluded.name, payload = excluded.payload, "
+    "max_retries = excluded.max_retries, priority = excluded.priority, "
+    "interval_ms = excluded.interval_ms, cron = excluded.cron, timezone = excluded.timezone, "
+    "paused = excluded.paused, skip_if_running = excluded.skip_if_running, "
+    "anchor_at = excluded.anchor_at, updated_at = excluded.updated_at, "
+    "next_run_at = CASE WHEN ? THEN excluded.next_run_at ELSE schedules.next_run_at END"
+)
+DELETE_SCHEDULE = "DELETE FROM schedules WHERE id = ?"
+# The guard of a firing: the schedule still waits for the occurrence the scheduler read.
+ADVANCE_SCHEDULE = (
+    "UPDATE schedules SET next_run_at = ? WHERE id = ? AND next_run_at = ? AND NOT paused "
+    "RETURNING last_job_id"
+)
+INSERT_RUN = (
+    "INSERT INTO schedule_runs (schedule_id, scheduled_for, job_id, catch_up, created_at) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (schedule_id, scheduled_for) DO NOTHING"
+)
+RAN = "UPDATE schedules SET last_run_at = ?, last_job_id = ? WHERE id = ?"
 
 
 # -- the kept counts ------------------------------------------------------------------------
@@ -310,7 +356,7 @@ def _insert_jobs(conn: sqlite3.Connection, jobs: list[NewJob], tally: Tally) -> 
         INSERT_JOB,
         [
             (j.id, j.name, j.payload, 0, j.max_retries, ts(j.created_at), ts(j.available_at), 0,
-             j.priority)
+             j.priority, j.schedule_id, _ts_or_none(j.scheduled_for), j.catch_up)
             for j in jobs
         ],
     )  # fmt: skip
@@ -357,12 +403,18 @@ def enqueue_many(
 def _get(conn: sqlite3.Connection, job_id: str, now: datetime) -> AnyJob | None:
     row = conn.execute(SELECT_JOB, (job_id,)).fetchone()
     if row is not None:
-        return job_from(_times(row, 5, 6, 7, 9), now)
+        return job_from(_times(row, *JOB_TIMES), now)
     row = conn.execute(SELECT_SUCCEEDED, (job_id,)).fetchone()
     if row is not None:
-        return SucceededJob(*_times(row, 4, 5, 6))
+        values = _times(row, *SUCCEEDED_TIMES)
+        values[10] = flag(values[10])
+        return SucceededJob(*values)
     row = conn.execute(SELECT_FAILED, (job_id,)).fetchone()
-    return None if row is None else FailedJob(*_times(row, 5, 6, 7))
+    if row is None:
+        return None
+    values = _times(row, *FAILED_TIMES)
+    values[11] = flag(values[11])
+    return FailedJob(*values)
 
 
 def _claim(
@@ -442,7 +494,7 @@ def reserve(
             spent[row[1]] = spent.get(row[1], 0) + 1
         for name, count in spent.items():
             conn.execute(SPEND, {"now": params["now"], "spent": count, "name": name})
-        results.append(leases_from([_times(row, 5, 6, 7, 9) for row in rows], expires_at))
+        results.append(leases_from([_times(row, *JOB_TIMES) for row in rows], expires_at))
     return results
 
 
@@ -456,16 +508,19 @@ def ack(
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, attempts, lease_seq, created_at, available_at, leased, rank = row
+        job_id, name, payload, attempts, lease_seq, created_at, available_at, leased, rank = row[:9]
+        schedule_id, scheduled_for, catch_up = row[9:12]
         tally.move(name, held(leased), SUCCEEDED)
         if leased is None:
             tally.due(name, dt(available_at), -1)
         inserts.append(
-            (job_id, name, payload, attempts, lease_seq, created_at, available_at, ts(now), rank)
-        )
+            (job_id, name, payload, attempts, lease_seq, created_at, available_at, ts(now), rank,
+             schedule_id, scheduled_for, catch_up)
+        )  # fmt: skip
         done = SucceededJob(
-            job_id, name, payload, attempts, dt(created_at), dt(available_at), now, rank
-        )
+            job_id, name, payload, attempts, dt(created_at), dt(available_at), now, rank,
+            schedule_id, _dt_or_none(scheduled_for), flag(catch_up),
+        )  # fmt: skip
         done.leased_at = None if leased is None else dt(leased)
         results.append(done)
     conn.executemany(INSERT_SUCCEEDED, inserts)
@@ -502,6 +557,7 @@ def fail(
             continue
         job_id, name, payload, attempts, max_retries, created, available, lease_seq = row[:8]
         leased, rank = row[8], row[9]
+        schedule = (row[10], _dt_or_none(row[11]), flag(row[12]))
         leased_at = None if leased is None else dt(leased)
         if leased is None:  # its lease ran out and it was requeued: it leaves its due minute
             tally.due(name, dt(available), -1)
@@ -511,17 +567,19 @@ def fail(
             tally.move(name, held(leased), PENDING)
             tally.due(name, retry_at, 1)
             job = [job_id, name, payload, attempts, max_retries, dt(created), retry_at]
-            job += [None, None, None, rank]  # no longer reserved
+            job += [None, None, None, rank, *schedule]  # no longer reserved
             results.append(Retrying(job_from(job, now), leased_at))
             continue
         conn.execute(DELETE_JOB, (job_id,))
         tally.move(name, held(leased), FAILED)
         values = (job_id, name, payload, attempts, max_retries, lease_seq, exception)
-        conn.execute(INSERT_FAILED, (*values, created, available, ts(now), rank))
+        stored = (row[10], row[11], row[12])
+        conn.execute(INSERT_FAILED, (*values, created, available, ts(now), rank, *stored))
         buried.append((name, now))
         failed = FailedJob(
-            job_id, name, payload, attempts, exception, dt(created), dt(available), now, rank
-        )
+            job_id, name, payload, attempts, exception, dt(created), dt(available), now, rank,
+            *schedule,
+        )  # fmt: skip
         results.append(Buried(failed, leased_at))
     _count_finished(conn, buried, succeeded=False)
     return results
@@ -545,7 +603,7 @@ def release(
         if row is None:
             results.append(None)
             continue
-        values = _times(row, 5, 6, 7, 9)
+        values = _times(row, *JOB_TIMES)
         tally.move(values[1], RESERVED, PENDING)  # due already, as when it was reserved
         conn.execute(REFUND, (values[1],))  # given back unused: its token too
         results.append(job_from(values, now))
@@ -584,15 +642,15 @@ def retry_failed(
         if row is None:
             results.append(None)
             continue
-        job_id, name, payload, max_retries, created_at, lease_seq, rank = row
+        job_id, name, payload, max_retries, created_at, lease_seq, rank = row[:7]
         tally.move(name, FAILED, PENDING)
         tally.due(name, now, 1)
         values = (job_id, name, payload, 0, max_retries, created_at, ts(now), lease_seq, rank)
-        conn.execute(INSERT_JOB, values)
+        conn.execute(INSERT_JOB, (*values, *row[7:10]))
         created = dt(created_at)
         results.append(
             Job(job_id, name, payload, 0, max_retries, created, now, None, None, "available",
-                None, rank)
+                None, rank, row[7], _dt_or_none(row[8]), flag(row[9]))
         )  # fmt: skip
     return results
 
@@ -629,6 +687,50 @@ def configure_queue(
     return [None] * len(items)
 
 
+def put_schedule(
+    conn: sqlite3.Connection, items: list[tuple[Schedule, bool]], _tally: Tally
+) -> list[None]:
+    for s, retimed in items:
+        conn.execute(
+            PUT_SCHEDULE,
+            (s.id, s.name, s.payload, s.max_retries, s.priority, s.interval_ms, s.cron,
+             s.timezone, s.paused, s.skip_if_running, ts(s.anchor_at),
+             _ts_or_none(s.next_run_at), ts(s.created_at), ts(s.updated_at), retimed),
+        )  # fmt: skip
+    return [None] * len(items)
+
+
+def delete_schedule(conn: sqlite3.Connection, items: list[str], _tally: Tally) -> list[bool]:
+    return [conn.execute(DELETE_SCHEDULE, (some_id,)).rowcount == 1 for some_id in items]
+
+
+def fire_schedule(
+    conn: sqlite3.Connection, items: list[tuple[Firing, NewJob]], tally: Tally
+) -> list[FireResult]:
+    """See Storage.fire_schedule. The writer is the only writer, so nothing moves between
+    the guard and the inserts; the run record's key still refuses a second enqueue."""
+    results: list[FireResult] = []
+    for f, job in items:
+        guard = (_ts_or_none(f.next_run_at), f.schedule_id, ts(f.expected_next))
+        row = conn.execute(ADVANCE_SCHEDULE, guard).fetchone()
+        if row is None:
+            results.append("stale")
+            continue
+        run = (f.schedule_id, ts(f.scheduled_for))
+        running = row[0] is not None and conn.execute(IS_PENDING, (row[0],)).fetchone()
+        if f.skip_if_running and running:
+            skipped = conn.execute(INSERT_RUN, (*run, None, f.catch_up, ts(f.now))).rowcount
+            results.append("skipped" if skipped else "duplicate")
+            continue
+        if conn.execute(INSERT_RUN, (*run, job.id, f.catch_up, ts(f.now))).rowcount == 0:
+            results.append("duplicate")
+            continue
+        _insert_jobs(conn, [job], tally)
+        conn.execute(RAN, (ts(f.scheduled_for), job.id, f.schedule_id))
+        results.append(new_job(job, f.now))
+    return results
+
+
 def probe(conn: sqlite3.Connection, items: list[None], _tally: Tally) -> list[None]:
     conn.execute("PRAGMA user_version = 0")  # rewrites the header page: a real write
     return [None for _ in items]
@@ -655,6 +757,9 @@ HANDLERS: dict[str, Callable[[sqlite3.Connection, list[Any], Tally], list[Any]]]
     "prune": prune,
     "probe": probe,
     "configure_queue": configure_queue,
+    "put_schedule": put_schedule,
+    "delete_schedule": delete_schedule,
+    "fire_schedule": fire_schedule,
 }
 
 

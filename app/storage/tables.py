@@ -17,9 +17,11 @@ from sqlalchemy import (
     Index,
     Integer,
     SmallInteger,
+    String,
     Text,
     false,
     text,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -52,6 +54,15 @@ def _time(nullable: bool = False) -> Any:
     return Field(sa_column=Column(UTCDateTime(), nullable=nullable))
 
 
+def _schedule_id() -> Any:
+    """The schedule a job came from (None: enqueued by a producer)."""
+    return Field(default=None, sa_column=Column(String(255), nullable=True))
+
+
+def _catch_up() -> Any:
+    return Field(default=None, sa_column=Column(Boolean, nullable=True))
+
+
 def _priority() -> Any:
     """0-9, lower runs first; the default keeps inserts of older releases working."""
     return Field(sa_column=Column(SmallInteger, nullable=False, server_default="0"))
@@ -79,6 +90,10 @@ class JobRow(SQLModel, table=True):
     lease_id: str | None = Field(default=None, max_length=96)
     lease_seq: int = 0
     lease_expires_at: datetime | None = _time(nullable=True)
+    # Jobs made by a schedule: which one, the occurrence, and whether it was a catch-up.
+    schedule_id: str | None = _schedule_id()
+    scheduled_for: datetime | None = _time(nullable=True)
+    catch_up: bool | None = _catch_up()
 
     __table_args__ = (
         # Reserve: per name, lowest priority then oldest available first; only unreserved
@@ -127,6 +142,9 @@ class SucceededJobRow(SQLModel, table=True):
     created_at: datetime = _time()
     available_at: datetime = _time()
     succeeded_at: datetime = _time()
+    schedule_id: str | None = _schedule_id()
+    scheduled_for: datetime | None = _time(nullable=True)
+    catch_up: bool | None = _catch_up()
 
     __table_args__ = (
         Index("ix_succeeded_jobs_succeeded_at", "succeeded_at", "id"),
@@ -148,6 +166,9 @@ class FailedJobRow(SQLModel, table=True):
     created_at: datetime = _time()
     available_at: datetime = _time()
     failed_at: datetime = _time()
+    schedule_id: str | None = _schedule_id()
+    scheduled_for: datetime | None = _time(nullable=True)
+    catch_up: bool | None = _catch_up()
 
     __table_args__ = (
         Index("ix_failed_jobs_failed_at", "failed_at", "id"),
@@ -254,3 +275,52 @@ class QueueRow(SQLModel, table=True):
     rate_per_ms: int | None = Field(default=None, sa_column=Column(BigInteger))
     tokens: float | None = Field(default=None, sa_column=Column(Float))
     tokens_at: datetime | None = _time(nullable=True)
+
+
+class ScheduleRow(SQLModel, table=True):
+    """A recurring schedule: every `interval_ms` from `anchor_at` (fixed rate), or at the
+    times of a 5-field `cron` expression in `timezone`. `next_run_at` is the first
+    occurrence not handled yet; the scheduler of any replica fires it when it comes due."""
+
+    __tablename__ = "schedules"
+
+    id: str = Field(primary_key=True, max_length=255)
+    name: str = Field(max_length=255)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    max_retries: int = 3
+    priority: int = _priority()
+    interval_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    cron: str | None = Field(default=None, max_length=255)
+    timezone: str | None = Field(default=None, max_length=255)
+    paused: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
+    skip_if_running: bool = Field(
+        default=True, sa_column=Column(Boolean, nullable=False, server_default=true())
+    )
+    anchor_at: datetime = _time()
+    next_run_at: datetime | None = _time(nullable=True)
+    last_run_at: datetime | None = _time(nullable=True)
+    last_job_id: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _time()
+    updated_at: datetime = _time()
+
+    __table_args__ = (Index("ix_schedules_next_run_at", "next_run_at"),)
+
+
+class ScheduleRunRow(SQLModel, table=True):
+    """One occurrence of a schedule that was handled: the unique key makes each occurrence
+    enqueue at most once, across replicas and restarts. `job_id` is None for an
+    occurrence skipped because the schedule's previous job was still pending."""
+
+    __tablename__ = "schedule_runs"
+
+    schedule_id: str = Field(primary_key=True, max_length=255)
+    scheduled_for: datetime = Field(sa_column=Column(UTCDateTime(), primary_key=True))
+    job_id: str | None = Field(default=None, max_length=64)
+    catch_up: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
+    created_at: datetime = _time()
+
+    __table_args__ = (Index("ix_schedule_runs_scheduled_for", "scheduled_for"),)

@@ -34,6 +34,11 @@ class Job:
     succeeded_at: datetime | None = None
     failed_at: datetime | None = None
     exception: str | None = None
+    # A job a schedule enqueued: the schedule, the occurrence, and whether it was the one
+    # missed occurrence enqueued late. None for other jobs (and from older servers).
+    schedule_id: str | None = None
+    scheduled_for: datetime | None = None
+    catch_up: bool | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Job":
@@ -53,6 +58,9 @@ class Job:
             succeeded_at=timestamp(data.get("succeeded_at")),
             failed_at=timestamp(data.get("failed_at")),
             exception=data.get("exception"),
+            schedule_id=data.get("schedule_id"),
+            scheduled_for=timestamp(data.get("scheduled_for")),
+            catch_up=data.get("catch_up"),
         )
 
 
