@@ -211,6 +211,31 @@ def test_operator_commands(server: ServerProcess, tmp_path: Path) -> None:
     )
 
 
+def test_queue_command_shows_and_changes_settings(server: ServerProcess) -> None:
+    ok(server, "enqueue", "mail", "--payload", "x")
+    settings = ["--pause", "--concurrency-limit", "5", "--rate-limit", "10/1s", "--json"]
+    changed = json.loads(ok(server, "queue", "mail", *settings))
+    assert (changed["paused"], changed["concurrency_limit"], changed["rate_limit"]) == (
+        True,
+        5,
+        {"count": 10, "per_ms": 1000},
+    )
+    assert json.loads(ok(server, "queue", "mail", "--json"))["concurrency_limit"] == 5
+    cleared = json.loads(ok(server, "queue", "mail", "--resume", "--rate-limit", "none", "--json"))
+    assert (cleared["paused"], cleared["concurrency_limit"], cleared["rate_limit"]) == (
+        False,
+        5,
+        None,
+    )
+    lines = ok(server, "queue").splitlines()
+    assert lines[0].split() == ["name", "paused", "concurrency", "rate", "available", "reserved"]
+    assert lines[1].split() == ["mail", "no", "5", "-", "1", "0"]
+    refused = bgjobs(server, "queue", "mail", "--concurrency-limit", "0")
+    assert refused.returncode == 1 and "concurrency_limit" in refused.stderr
+    bad = bgjobs(server, "queue", "mail", "--rate-limit", "ten")
+    assert bad.returncode != 0 and "rate like 10/1s" in bad.stderr
+
+
 def test_errors_are_one_line_with_status_1(tmp_path: Path) -> None:
     env = {**os.environ, "BGJOBS_URL": "http://127.0.0.1:9"}
     result = subprocess.run(

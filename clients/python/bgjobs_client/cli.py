@@ -141,6 +141,18 @@ def add_operator_commands(commands: Any) -> None:
         operator(commands, name, help_text, run).add_argument("id")
     operator(commands, "stats", "counts by state and name", run_stats)
 
+    queue = operator(commands, "queue", "show or change a job name's settings", run_queue)
+    queue.add_argument("name", nargs="?", help="the job name (none: list every queue)")
+    pause = queue.add_mutually_exclusive_group()
+    pause.add_argument("--pause", action="store_true", help="stop leasing its jobs")
+    pause.add_argument("--resume", action="store_true", help="lease its jobs again")
+    queue.add_argument(
+        "--concurrency-limit", type=limit_of, help="at most N leases at once; 'none' removes it"
+    )
+    queue.add_argument(
+        "--rate-limit", type=rate_of, help="e.g. 10/1s: at most 10 leases a second; 'none'"
+    )
+
 
 def operator(commands: Any, name: str, help_text: str, run: Command) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
@@ -261,6 +273,65 @@ def ago(moment: datetime | None) -> str:
     seconds = (moment - datetime.now(UTC)).total_seconds()
     text = moment.strftime("%Y-%m-%d %H:%M:%S")
     return f"{text} (in {seconds:.0f}s)" if seconds > 1 else text
+
+
+NONE = "none"  # a limit given as 'none' is removed
+
+
+def limit_of(text: str) -> int | str:
+    if text.strip().lower() == NONE:
+        return NONE
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+
+
+def rate_of(text: str) -> dict[str, int] | str:
+    if text.strip().lower() == NONE:
+        return NONE
+    count, _, per = text.partition("/")
+    if not count.strip().isdigit() or not per:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate like 10/1s, or 'none'")
+    return {"count": int(count), "per_ms": duration_ms(per)}
+
+
+def run_queue(args: argparse.Namespace) -> None:
+    changes: dict[str, Any] = {}
+    if args.pause or args.resume:
+        changes["paused"] = bool(args.pause)
+    for key, value in (
+        ("concurrency_limit", args.concurrency_limit),
+        ("rate_limit", args.rate_limit),
+    ):
+        if value is not None:
+            changes[key] = None if value == NONE else value
+    with client_of(args) as client:
+        if args.name is None:
+            if changes:
+                raise BgjobsError("name the queue to change")
+            queues = client.queues()
+        elif changes:
+            queues = [client.configure_queue(args.name, **changes)]
+        else:
+            queues = [q for q in client.queues() if q["name"] == args.name]
+    if args.json:
+        print(json.dumps(queues if args.name is None else queues[0] if queues else None))
+        return
+    header = ["name", "paused", "concurrency", "rate", "available", "reserved"]
+    print(table(header, [queue_row(queue) for queue in queues]))
+
+
+def queue_row(queue: dict[str, Any]) -> list[str]:
+    rate = queue["rate_limit"]
+    return [
+        queue["name"],
+        "yes" if queue["paused"] else "no",
+        "-" if queue["concurrency_limit"] is None else str(queue["concurrency_limit"]),
+        "-" if rate is None else f"{rate['count']}/{rate['per_ms']}ms",
+        str(queue["counts"]["available"]),
+        str(queue["counts"]["reserved"]),
+    ]
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

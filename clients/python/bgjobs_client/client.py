@@ -266,10 +266,31 @@ class AsyncClient:
         """Put a failed job back in the queue, its attempts reset."""
         return Job.from_json(await self.request("POST", f"/jobs/{job_id}/retry"))
 
+    async def queues(self) -> list[dict[str, Any]]:
+        """`GET /queues`: each job name with its settings (`paused`, `concurrency_limit`,
+        `rate_limit`) and its jobs by state."""
+        data = await self.request("GET", "/queues", retry=True)
+        return list(data["queues"])
+
+    async def configure_queue(self, name: str, /, **changes: Any) -> dict[str, Any]:
+        """`PATCH /queues/{name}`: `paused` (bool), `concurrency_limit` (int, or None to
+        remove it), `rate_limit` ({"count", "per_ms"}, or None to remove it); a setting not
+        given is left as it is. The queue as it is now."""
+        unknown = sorted(set(changes) - QUEUE_SETTINGS)
+        if unknown:
+            raise TypeError(f"unknown queue settings: {', '.join(unknown)}")
+        queue: dict[str, Any] = await self.request(
+            "PATCH", f"/queues/{name}", json=changes, retry=True
+        )
+        return queue
+
     async def stats(self, series_minutes: int | None = None) -> Any:
         """`GET /stats`: counts by state per name, and finished jobs per minute."""
         series = f"{series_minutes}m" if series_minutes else None
         return await self.request("GET", "/stats", params={"series": series}, retry=True)
+
+
+QUEUE_SETTINGS = frozenset({"paused", "concurrency_limit", "rate_limit"})
 
 
 def job_body(
@@ -387,3 +408,5 @@ class Client:
     cancel = _blocking(AsyncClient.cancel)
     retry = _blocking(AsyncClient.retry)
     stats = _blocking(AsyncClient.stats)
+    queues = _blocking(AsyncClient.queues)
+    configure_queue = _blocking(AsyncClient.configure_queue)
