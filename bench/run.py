@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -743,6 +744,26 @@ def cycle_rows(bench: Bench) -> None:
             )
 
 
+def alternating_latency(
+    bench: Bench, first: Server, second: Server
+) -> tuple[list[float], list[float], dict[str, Any]]:
+    """Lease+ack latencies (ms) on two servers, one worker alternating between them in
+    blocks; and the generator's whole result."""
+    result = run_loadgen(
+        bench, "latency", "--url", first.url, "--url", second.url, "--name", LATENCY,
+        "--cycles", bench.config.latency_cycles,
+    )  # fmt: skip
+    latencies = result["latencies_ms"]
+    return latencies[first.url], latencies[second.url], result
+
+
+def latency_text(values: list[float]) -> str:
+    return (
+        f"p50 {statistics.median(values):.2f} ms, "
+        f"p99 {percentile(values, 99):.2f} ms ({len(values)} lease+ack, 1 worker)"
+    )
+
+
 def backlog_rows(bench: Bench) -> None:
     """Lease+ack latency at `big` and `small` backlogs, one worker alternating between two
     servers; and the big server's peak RSS once its backlog was enqueued over HTTP."""
@@ -762,18 +783,11 @@ def backlog_rows(bench: Bench) -> None:
             rss_row.measured(f"{peak:.0f} MiB", peak, bench.targets.rss_mib, False)
             baseline = status_kib(small.pid, "VmHWM") / 1024
             rss_row.note(f"a server with {cfg.small:,} jobs: VmHWM {baseline:.0f} MiB")
-        result = run_loadgen(
-            bench, "latency", "--url", big.url, "--url", small.url, "--name", LATENCY,
-            "--cycles", cfg.latency_cycles,
-        )  # fmt: skip
-    at_big, at_small = result["latencies_ms"][big.url], result["latencies_ms"][small.url]
+        at_big, at_small, result = alternating_latency(bench, big, small)
     ratio = statistics.median(at_big) / statistics.median(at_small)
     lat_row.measured(f"{ratio:.2f}x", ratio, bench.targets.backlog_ratio, False, strict=False)
     for size, values in ((cfg.big, at_big), (cfg.small, at_small)):
-        lat_row.note(
-            f"at {size:,} jobs: p50 {statistics.median(values):.2f} ms, "
-            f"p99 {percentile(values, 99):.2f} ms ({len(values)} lease+ack, 1 worker)"
-        )
+        lat_row.note(f"at {size:,} jobs: {latency_text(values)}")
     lat_row.note(
         f"alternating blocks of 50 between the two; generator at {cpu_share(result):.0%} of "
         f"core 1; {others_text(result['others'])}"
@@ -783,8 +797,6 @@ def backlog_rows(bench: Bench) -> None:
 
 def set_limit(url: str, name: str, limit: int) -> None:
     """PATCH /queues/{name} with a concurrency limit (no token: the bench runs open)."""
-    import urllib.request
-
     body = json.dumps({"concurrency_limit": limit}).encode()
     request = urllib.request.Request(
         f"{url}/queues/{name}", body, {"Content-Type": "application/json"}, method="PATCH"
@@ -806,18 +818,11 @@ def limit_rows(bench: Bench) -> None:
         prepared(bench, "limited", {LATENCY: cfg.big}) as limited,
     ):
         set_limit(limited.url, LATENCY, 1000)
-        result = run_loadgen(
-            bench, "latency", "--url", limited.url, "--url", free.url, "--name", LATENCY,
-            "--cycles", cfg.latency_cycles,
-        )  # fmt: skip
-    at_limited, at_free = result["latencies_ms"][limited.url], result["latencies_ms"][free.url]
+        at_limited, at_free, result = alternating_latency(bench, limited, free)
     ratio = statistics.median(at_limited) / statistics.median(at_free)
     row.measured(f"{ratio:.2f}x", ratio, bench.targets.limit_ratio, False, strict=True)
     for what, values in (("concurrency_limit 1000", at_limited), ("no limit", at_free)):
-        row.note(
-            f"{what}, {cfg.big:,} jobs: p50 {statistics.median(values):.2f} ms, "
-            f"p99 {percentile(values, 99):.2f} ms ({len(values)} lease+ack, 1 worker)"
-        )
+        row.note(f"{what}, {cfg.big:,} jobs: {latency_text(values)}")
     row.void_if_busy(cpu_share(result))
 
 

@@ -47,7 +47,12 @@ async def explain(service: QueueService, call: Callable[[], Awaitable[Any]]) -> 
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", capture)
     statement, params = sent[-1]
-    async with engine.connect() as conn:
+    return await plan_of(service, statement, tuple(params))
+
+
+async def plan_of(service: QueueService, statement: str, params: tuple[Any, ...]) -> str:
+    """EXPLAIN a hot-path statement as the writer sends it, with these parameters."""
+    async with engine_of(service).connect() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
         rows = await raw.fetch(f"EXPLAIN {statement}", *params)
         await conn.rollback()
@@ -76,11 +81,7 @@ async def test_reserve_locks_with_skip_locked_through_the_ready_index(
     await fill(service, 20_000)
     now = service.clock.now()
     params = (["a", "b"], now, 5, 1 << 20, "w", now + timedelta(seconds=30))
-    async with engine_of(service).connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        rows = await raw.fetch(f"EXPLAIN {RESERVE}", *params)
-        await conn.rollback()
-    plan = "\n".join(row[0] for row in rows)
+    plan = await plan_of(service, RESERVE, params)
     # One bounded range of the ready index per name (a nested loop over the names).
     assert "Index Scan using ix_jobs_ready_priority" in plan and "unnest" in plan, plan
     assert "LockRows" in plan and "CTE picked" in plan, plan
@@ -97,11 +98,7 @@ async def test_single_job_reserve_locks_with_skip_locked_through_the_ready_index
     await fill(service, 10, names=("rare",))
     now = service.clock.now()
     params = (["rare"], now, "w", now + timedelta(seconds=30))
-    async with engine_of(service).connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        rows = await raw.fetch(f"EXPLAIN {RESERVE_ONE}", *params)
-        await conn.rollback()
-    plan = "\n".join(row[0] for row in rows)
+    plan = await plan_of(service, RESERVE_ONE, params)
     assert "ix_jobs_ready_priority" in plan and "LockRows" in plan and "InitPlan" in plan, plan
     assert "Seq Scan on jobs" not in plan, plan
 
@@ -127,11 +124,7 @@ async def test_limited_reserves_take_one_range_of_the_ready_index_per_name(
         (RESERVE_LIMITED, (["a", "b"], now, 5, 1 << 20, "w", expires)),
         (RESERVE_LIMITED_ONE, (["a"], now, "w", expires)),
     ):
-        async with engine_of(service).connect() as conn:
-            raw = (await conn.get_raw_connection()).driver_connection
-            rows = await raw.fetch(f"EXPLAIN {statement}", *params)
-            await conn.rollback()
-        plan = "\n".join(row[0] for row in rows)
+        plan = await plan_of(service, statement, params)
         assert "Index Scan using ix_jobs_ready_priority" in plan and "LockRows" in plan, plan
         assert "Seq Scan on jobs" not in plan, plan
 
@@ -164,11 +157,7 @@ async def test_reserve_of_a_dominant_name_behind_older_jobs_takes_the_ready_inde
         (RESERVE_LIMITED, (["dominant"], now, 100, 1 << 20, "w", expires)),
         (RESERVE_LIMITED_ONE, (["dominant"], now, "w", expires)),
     ):
-        async with engine_of(service).connect() as conn:
-            raw = (await conn.get_raw_connection()).driver_connection
-            rows = await raw.fetch(f"EXPLAIN {statement}", *params)
-            await conn.rollback()
-        plan = "\n".join(row[0] for row in rows)
+        plan = await plan_of(service, statement, params)
         assert "ix_jobs_ready_priority" in plan and "ix_jobs_available_at" not in plan, plan
 
 

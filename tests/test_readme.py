@@ -20,8 +20,9 @@ def code_blocks(section: str, language: str = "bash") -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", body, re.DOTALL)
 
 
-def test_walk_through_runs_as_written(server_process: Any) -> None:
-    (script,) = code_blocks("Walk-through")
+def run_against_a_server(script: str, server_process: Any) -> str:
+    """Run a README block written for http://127.0.0.1:8000 against a fresh server; its
+    output (it must exit 0)."""
     assert script.startswith("URL=http://127.0.0.1:8000\n")
     with server_process() as server:
         script = script.replace("URL=http://127.0.0.1:8000", f"URL={server.url}", 1)
@@ -33,7 +34,12 @@ def test_walk_through_runs_as_written(server_process: Any) -> None:
             check=False,
         )
     assert result.returncode == 0, result.stderr
-    out = result.stdout
+    return result.stdout
+
+
+def test_walk_through_runs_as_written(server_process: Any) -> None:
+    (script,) = code_blocks("Walk-through")
+    out = run_against_a_server(script, server_process)
     assert out.count('"state":"available"') == 4  # the two enqueues, the batch of two
     assert out.count('"status":200') == 2  # the batch ack, one result per lease
     assert '"state":"succeeded"' in out  # the ack, and the succeeded list
@@ -44,18 +50,7 @@ def test_walk_through_runs_as_written(server_process: Any) -> None:
 
 def test_recurring_schedules_example_runs_as_written(server_process: Any) -> None:
     (script,) = code_blocks("Recurring schedules")
-    assert script.startswith("URL=http://127.0.0.1:8000\n")
-    with server_process() as server:
-        script = script.replace("URL=http://127.0.0.1:8000", f"URL={server.url}", 1)
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = run_against_a_server(script, server_process)
     assert out.count('"id":"nightly-report"') == 2  # its PUT, and in the list
     assert '"schedule_id":"heartbeat"' in out and '"catch_up":false' in out
     assert '"timezone":"Europe/Berlin"' in out

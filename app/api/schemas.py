@@ -113,6 +113,28 @@ InputTimestamp = Annotated[
 ]
 
 
+# The fields a job enqueued by a schedule carries, on every rendering of a job.
+def schedule_id_field() -> Any:
+    return Field(
+        description="The schedule that enqueued this job (PUT /schedules/{schedule_id}); "
+        "null for a job a producer enqueued.",
+        examples=[None],
+    )
+
+
+def scheduled_for_field() -> Any:
+    return Field(description="For a job a schedule enqueued: the occurrence it stands for.")
+
+
+def catch_up_field() -> Any:
+    return Field(
+        description="For a job a schedule enqueued: true when it was enqueued late, for "
+        "the latest of several occurrences that came due while no scheduler ran (the "
+        "earlier ones are dropped), or over 60 s after its occurrence; false when on time.",
+        examples=[None],
+    )
+
+
 def _url_safe(name: str) -> str:
     """`.` and `..` pass the pattern, but no URL can carry them (/queues/{name})."""
     if name in (".", ".."):
@@ -466,20 +488,9 @@ class JobOut(BaseModel):
         "counts as failed by its worker and retries or fails); null otherwise."
     )
     priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
-    schedule_id: str | None = Field(
-        description="The schedule that enqueued this job (PUT /schedules/{schedule_id}); "
-        "null for a job a producer enqueued.",
-        examples=[None],
-    )
-    scheduled_for: Timestamp | None = Field(
-        description="For a job a schedule enqueued: the occurrence it stands for.",
-    )
-    catch_up: bool | None = Field(
-        description="For a job a schedule enqueued: true when it was enqueued late, for "
-        "the latest of several occurrences that came due while no scheduler ran (the "
-        "earlier ones are dropped), or over 60 s after its occurrence; false when on time.",
-        examples=[None],
-    )
+    schedule_id: str | None = schedule_id_field()
+    scheduled_for: Timestamp | None = scheduled_for_field()
+    catch_up: bool | None = catch_up_field()
     state: Literal["available", "scheduled", "reserved"]
 
 
@@ -514,20 +525,9 @@ class SucceededJobOut(BaseModel):
     available_at: Timestamp
     succeeded_at: Timestamp
     priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
-    schedule_id: str | None = Field(
-        description="The schedule that enqueued this job (PUT /schedules/{schedule_id}); "
-        "null for a job a producer enqueued.",
-        examples=[None],
-    )
-    scheduled_for: Timestamp | None = Field(
-        description="For a job a schedule enqueued: the occurrence it stands for.",
-    )
-    catch_up: bool | None = Field(
-        description="For a job a schedule enqueued: true when it was enqueued late, for "
-        "the latest of several occurrences that came due while no scheduler ran (the "
-        "earlier ones are dropped), or over 60 s after its occurrence; false when on time.",
-        examples=[None],
-    )
+    schedule_id: str | None = schedule_id_field()
+    scheduled_for: Timestamp | None = scheduled_for_field()
+    catch_up: bool | None = catch_up_field()
     state: Literal["succeeded"] = "succeeded"
 
 
@@ -564,20 +564,9 @@ class FailedJobOut(BaseModel):
     available_at: Timestamp
     failed_at: Timestamp
     priority: int = Field(description="0 to 9, lower runs first.", examples=[0])
-    schedule_id: str | None = Field(
-        description="The schedule that enqueued this job (PUT /schedules/{schedule_id}); "
-        "null for a job a producer enqueued.",
-        examples=[None],
-    )
-    scheduled_for: Timestamp | None = Field(
-        description="For a job a schedule enqueued: the occurrence it stands for.",
-    )
-    catch_up: bool | None = Field(
-        description="For a job a schedule enqueued: true when it was enqueued late, for "
-        "the latest of several occurrences that came due while no scheduler ran (the "
-        "earlier ones are dropped), or over 60 s after its occurrence; false when on time.",
-        examples=[None],
-    )
+    schedule_id: str | None = schedule_id_field()
+    scheduled_for: Timestamp | None = scheduled_for_field()
+    catch_up: bool | None = catch_up_field()
     state: Literal["failed"] = "failed"
 
 

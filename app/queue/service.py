@@ -259,7 +259,7 @@ class QueueService:
         within the window, the first request's job comes back instead of a new one.
         """
         spec = JobSpec(name, payload, max_retries, available_at, available_in_ms, priority)
-        self._check_size(spec.payload, "payload")
+        self.check_size(spec.payload, "payload")
         now = self.clock.now()
         new = self._new_job(spec, now, new_job_id())
         if idempotency_key is None:
@@ -274,9 +274,7 @@ class QueueService:
                 return self._replayed(done, idempotency_key), False
             assert isinstance(done.job, Job)
             job = done.job
-        self._announce(job.name, job.available_at, now)
-        self.observer.enqueued(job.name, 1)
-        self.hub.publish(job.id, job.name, "enqueued", job.state, now)
+        self.record_enqueued(job, now)
         return job, True
 
     async def _hand_over(self, new: NewJob, now: datetime, waiter: Waiter) -> Job:
@@ -320,7 +318,7 @@ class QueueService:
         idempotency key seen within the window, the first batch's jobs come back in their
         current state (None where deleted since)."""
         for index, spec in enumerate(specs):
-            self._check_size(spec.payload, f"jobs.{index}.payload")
+            self.check_size(spec.payload, f"jobs.{index}.payload")
         now = self.clock.now()
         news = [
             self._new_job(spec, now, job_id)
@@ -340,16 +338,13 @@ class QueueService:
         return list(zip(done.ids, done.jobs, strict=True)), done.created
 
     def record_enqueued(self, job: Job, now: datetime) -> None:
-        """A job the server enqueued itself (a schedule's): announced to waiting polls,
-        counted and published like a producer's."""
+        """A job just enqueued, by a producer or by a schedule: announced to waiting
+        polls, counted and published."""
         self._announce(job.name, job.available_at, now)
         self.observer.enqueued(job.name, 1)
         self.hub.publish(job.id, job.name, "enqueued", job.state, now)
 
     def check_size(self, payload: str, where: str) -> None:
-        self._check_size(payload, where)
-
-    def _check_size(self, payload: str, where: str) -> None:
         size = len(payload.encode())
         if size > self.limits.max_payload_bytes:
             raise PayloadTooLarge(

@@ -147,35 +147,71 @@ FREE = (
     "WHERE NOT EXISTS (SELECT 1 FROM queues WHERE queues.name = u.name AND (paused "
     "OR concurrency_limit IS NOT NULL OR rate_count IS NOT NULL))"
 )
-# Reserve: per name (unnest, less the paused and limited) one range of `ix_jobs_ready_priority`,
-# locked FOR UPDATE SKIP LOCKED so concurrent reserves on any replica pass over each
-# other's rows instead of waiting or double-booking them. The MATERIALIZED CTE is an
-# optimization fence: as a plain IN (sub-select) the planner may run the LIMITed pick more
-# than once and lock more rows than it returns. The running total of payload sizes stops
-# the pick before it passes $4 bytes (the first row always goes). Rows locked but not picked are
-# unlocked at commit, a moment later.
-RESERVE = f"""
-WITH candidates AS (
-    SELECT c.id, c.priority, c.available_at, c.size
-    FROM ({FREE}) AS n
-    CROSS JOIN LATERAL (
+
+
+def _ranges(names: str, limit: str) -> str:
+    """Per name of `names` (rows with `name`, aliased n), its oldest ready jobs by
+    priority, at most `limit`: one range of `ix_jobs_ready_priority` each, locked FOR
+    UPDATE SKIP LOCKED so concurrent reserves on any replica pass over each other's rows
+    instead of waiting or double-booking them."""
+    return f"""
+    SELECT c.id, c.priority, c.available_at, c.size FROM {names} CROSS JOIN LATERAL (
         SELECT id, priority, available_at, octet_length(payload) AS size FROM jobs
         WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
-        ORDER BY jobs.name, priority, available_at, id LIMIT $3
+        ORDER BY jobs.name, priority, available_at, id LIMIT {limit}
         FOR UPDATE SKIP LOCKED
-    ) AS c
-), picked AS MATERIALIZED (
+    ) AS c"""
+
+
+def _first(names: str, limit: str) -> str:
+    """The single-row form of `_ranges`: the id of one name's oldest ready job."""
+    return f"""
+    SELECT c.id FROM {names} CROSS JOIN LATERAL (
+        SELECT id FROM jobs
+        WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
+        ORDER BY jobs.name, priority, available_at, id LIMIT {limit}
+        FOR UPDATE SKIP LOCKED
+    ) AS c"""
+
+
+# Of the candidates, the first $3 by priority and age, within the payload budget: the
+# running total of payload sizes stops the pick before it passes $4 bytes (the first row
+# always goes). Rows locked but not picked are unlocked at commit, a moment later.
+PICKED = """
     SELECT id FROM (
         SELECT id, row_number() OVER w AS n, sum(size) OVER w AS total
         FROM (SELECT * FROM candidates ORDER BY priority, available_at, id LIMIT $3) AS first
         WINDOW w AS (ORDER BY priority, available_at, id ROWS UNBOUNDED PRECEDING)
     ) AS sized
-    WHERE n = 1 OR total <= $4
-)
-UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $5,
+    WHERE n = 1 OR total <= $4"""
+
+
+def _lease(worker: str, expires: str) -> str:
+    """The UPDATE that grants the next lease of the rows it matches."""
+    return f"""UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = {worker},
     lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1)::text,
-    lease_expires_at = $6
+    lease_expires_at = {expires}"""
+
+
+# Reserve: the names asked for, less the paused and limited ones, merged by priority and
+# age. The MATERIALIZED CTE is an optimization fence: as a plain IN (sub-select) the
+# planner may run the LIMITed pick more than once and lock more rows than it returns.
+RESERVE = f"""
+WITH candidates AS ({_ranges(f"({FREE}) AS n", "$3")}
+), picked AS MATERIALIZED ({PICKED}
+)
+{_lease("$5", "$6")}
 WHERE id IN (SELECT id FROM picked) AND reserved_at IS NULL
+RETURNING {JOB_COLUMNS}, lease_id
+"""
+# The most common reserve, one job of one name, needs neither the merge of names nor the
+# payload budget (the first job always goes): a single-row pick, evaluated once (an
+# InitPlan), at about half the database's CPU of the general statement. The name comes
+# through unnest like there, so the planner always takes the ready index's range.
+RESERVE_ONE = f"""
+{_lease("$3", "$4")}
+WHERE id = ({_first(f"({FREE}) AS n", "1")}
+) AND reserved_at IS NULL
 RETURNING {JOB_COLUMNS}, lease_id
 """
 # Limited names: before this statement the transaction locks their `queues` rows
@@ -216,69 +252,27 @@ SPENT = f"""
     RETURNING q.name"""
 RESERVE_LIMITED = f"""
 WITH n AS ({rooms("$3")}
-), candidates AS (
-    SELECT c.id, c.priority, c.available_at, c.size
-    FROM n CROSS JOIN LATERAL (
-        SELECT id, priority, available_at, octet_length(payload) AS size FROM jobs
-        WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
-        ORDER BY jobs.name, priority, available_at, id LIMIT n.room
-        FOR UPDATE SKIP LOCKED
-    ) AS c
-), picked AS MATERIALIZED (
-    SELECT id FROM (
-        SELECT id, row_number() OVER w AS n, sum(size) OVER w AS total
-        FROM (SELECT * FROM candidates ORDER BY priority, available_at, id LIMIT $3) AS first
-        WINDOW w AS (ORDER BY priority, available_at, id ROWS UNBOUNDED PRECEDING)
-    ) AS sized
-    WHERE n = 1 OR total <= $4
+), candidates AS ({_ranges("n", "n.room")}
+), picked AS MATERIALIZED ({PICKED}
 ), leased AS (
-    UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $5,
-        lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1)::text,
-        lease_expires_at = $6
+    {_lease("$5", "$6")}
     WHERE id IN (SELECT id FROM picked) AND reserved_at IS NULL
     RETURNING {JOB_COLUMNS}, lease_id
 ), spent AS ({SPENT}
 )
 SELECT * FROM leased WHERE (SELECT count(*) FROM spent) >= 0
 """
-# The limited form of RESERVE_ONE (one name, one job): a single-row pick, at about
-# half the database's CPU of the general statement.
+# The limited form of RESERVE_ONE (one name, one job).
 RESERVE_LIMITED_ONE = f"""
 WITH n AS ({rooms("1")}
 ), leased AS (
-    UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $3,
-        lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1)::text,
-        lease_expires_at = $4
-    WHERE id = (
-        SELECT c.id FROM n CROSS JOIN LATERAL (
-            SELECT id FROM jobs
-            WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
-            ORDER BY jobs.name, priority, available_at, id LIMIT n.room
-            FOR UPDATE SKIP LOCKED
-        ) AS c
+    {_lease("$3", "$4")}
+    WHERE id = ({_first("n", "n.room")}
     ) AND reserved_at IS NULL
     RETURNING {JOB_COLUMNS}, lease_id
 ), spent AS ({SPENT}
 )
 SELECT * FROM leased WHERE (SELECT count(*) FROM spent) >= 0
-"""
-# The most common reserve, one job of one name, needs neither the merge of names nor the
-# payload budget (the first job always goes): a single-row pick, evaluated once (an
-# InitPlan), at about half the database's CPU of the general statement. The name comes
-# through unnest like there, so the planner always takes the ready index's range.
-RESERVE_ONE = f"""
-UPDATE jobs SET attempts = attempts + 1, reserved_at = $2, reserved_by = $3,
-    lease_seq = lease_seq + 1, lease_id = id || '.' || (lease_seq + 1)::text,
-    lease_expires_at = $4
-WHERE id = (
-    SELECT c.id FROM ({FREE}) AS n CROSS JOIN LATERAL (
-        SELECT id FROM jobs
-        WHERE {ONE_NAME} AND reserved_at IS NULL AND available_at <= $2
-        ORDER BY jobs.name, priority, available_at, id LIMIT 1
-        FOR UPDATE SKIP LOCKED
-    ) AS c
-) AND reserved_at IS NULL
-RETURNING {JOB_COLUMNS}, lease_id
 """
 # Ack, set-based: one statement moves a whole run of acks to the succeeded jobs and adds
 # them to the per-minute counts (one row per name and minute, on this connection's shard);
@@ -821,7 +815,7 @@ class PostgresStorage(SqlStorage):
         # Names with a concurrency or rate limit, as far as this replica has seen: their
         # reserves lock (see LOCK_LIMITED). One missing here is never leased past its
         # limit (the plain reserve skips limited names); it is only found a moment later.
-        self.limited: set[str] = set()
+        self.limited: frozenset[str] = frozenset()  # replaced, never changed in place
         self._writer = Writer(self._apply)
 
     async def migrate(self) -> None:
@@ -833,7 +827,7 @@ class PostgresStorage(SqlStorage):
     async def queue_settings(self, name: str | None = None) -> dict[str, QueueSettings]:
         settings = await super().queue_settings(name)
         if name is None:
-            self.limited = {n for n, found in settings.items() if found.limited}
+            self.limited = frozenset(n for n, found in settings.items() if found.limited)
         return settings
 
     async def queue_holds(self, names: Sequence[str], now: datetime) -> dict[str, Hold]:
@@ -846,12 +840,9 @@ class PostgresStorage(SqlStorage):
         return holds
 
     def _saw_settings(self, names: Sequence[str], settings: dict[str, QueueSettings]) -> None:
-        for name in names:
-            found = settings.get(name)
-            if found is not None and found.limited:
-                self.limited.add(name)
-            else:
-                self.limited.discard(name)
+        seen = {name for name in names if (found := settings.get(name)) and found.limited}
+        if seen != self.limited.intersection(names):
+            self.limited = self.limited.difference(names) | seen
 
     async def configure_queue(self, name: str, change: QueueChange, now: datetime) -> None:
         await super().configure_queue(name, change, now)
@@ -872,7 +863,7 @@ class PostgresStorage(SqlStorage):
 
     async def _apply_group(self, group: list[Op]) -> list[Any]:
         volatile = all(op.kind in VOLATILE for op in group)
-        limited = frozenset(self.limited)
+        limited = self.limited  # the set as it is when this group starts
         try:
             conn = await self._connection(volatile)
             if len(group) == 1 and _one_statement(group[0], limited):
