@@ -100,7 +100,8 @@ class EventStream(Response):
         while not (self.gone or self.subscriber.dropped or self.hub.closed.is_set()):
             if not self.subscriber.queue:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.subscriber.wake.wait(), next_stats - loop.time())
+                    async with asyncio.timeout_at(next_stats):
+                        await self.subscriber.wake.wait()
                 await asyncio.sleep(FLUSH_S)  # let a burst gather into one flush
             if self.gone or self.subscriber.dropped or self.hub.closed.is_set():
                 return
@@ -130,7 +131,8 @@ class EventStream(Response):
     @staticmethod
     async def _send(send: Send, body: bytes) -> None:
         message = {"type": "http.response.body", "body": body, "more_body": True}
-        await asyncio.wait_for(send(message), SEND_TIMEOUT_S)
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            await send(message)
 
 
 @router.get(

@@ -71,7 +71,10 @@ class Waiter:
         """True if woken, False if `seconds` passed first."""
         self.sleeping = True
         try:
-            await asyncio.wait_for(self._event.wait(), seconds)
+            # Not wait_for: on Python 3.11 it can swallow a cancel that lands as the
+            # event is set, and the poll would outlive its cancelled request.
+            async with asyncio.timeout(seconds):
+                await self._event.wait()
         except TimeoutError:
             return False
         finally:

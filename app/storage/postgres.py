@@ -807,6 +807,8 @@ class PostgresStorage(SqlStorage):
         self._dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
         self._sender = os.urandom(6).hex()  # to skip this replica's own notifications
         self._listener: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()  # the listener's loop ends on it, not on a cancel alone
+        self._lost: asyncio.Event | None = None  # set when the LISTEN link drops, or to stop
         self.listening = asyncio.Event()  # set once LISTEN is up (tests wait for it)
         # The LISTEN connection also sends the relay's messages; one statement at a time.
         self._link: asyncpg.Connection | None = None
@@ -849,6 +851,11 @@ class PostgresStorage(SqlStorage):
         await self.queue_settings()  # this replica knows at once which names are limited
 
     async def close(self) -> None:
+        """Stop the listener, then the writer. The listener is told to stop, not only
+        cancelled: on Python 3.11 a cancel that lands as its wait ends can be lost."""
+        self._closing.set()
+        if self._lost is not None:
+            self._lost.set()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -856,7 +863,8 @@ class PostgresStorage(SqlStorage):
         await super().close()
         for conn in self._conns.values():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+                async with asyncio.timeout(2):
+                    await conn.close()
         self._conns.clear()
 
     # -- the writer ---------------------------------------------------------------------
@@ -930,7 +938,8 @@ class PostgresStorage(SqlStorage):
         async with self._link_lock:
             # Bounded: a send hanging on a dead link must not hold the lock the
             # keepalive needs to find out the link is dead.
-            await asyncio.wait_for(link.execute(NOTIFY, EVENTS_CHANNEL, payloads), KEEPALIVE_S)
+            async with asyncio.timeout(KEEPALIVE_S):
+                await link.execute(NOTIFY, EVENTS_CHANNEL, payloads)
 
     async def _listen_forever(
         self,
@@ -944,22 +953,36 @@ class PostgresStorage(SqlStorage):
         waiters are woken to look at the database themselves (`on_gap`).
         """
         delay = 0.1
-        while True:
+        while not self._closing.is_set():
             try:
                 async with self._listening(on_ready, on_event) as (conn, lost):
                     delay = 0.1
                     on_gap()
                     self.listening.set()
-                    while not lost.is_set():
-                        try:
-                            await asyncio.wait_for(lost.wait(), KEEPALIVE_S)
-                        except TimeoutError:  # quiet: make sure the link is still alive
-                            async with self._link_lock:
-                                await asyncio.wait_for(conn.fetchval("SELECT 1"), KEEPALIVE_S)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("LISTEN connection failed (%s); retrying in %.1f s", exc, delay)
-            await asyncio.sleep(delay)
+                    await self._keep_alive(conn, lost)
+            except Exception as exc:  # any failure of the link: a new connection
+                if self._closing.is_set():
+                    return
+                log.warning("LISTEN connection failed (%r); retrying in %.1f s", exc, delay)
+            await self._pause(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _keep_alive(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        """Until the link drops (or close() says so): after each quiet KEEPALIVE_S, a
+        `SELECT 1` to find out whether the link is still alive."""
+        while not lost.is_set():
+            try:
+                async with asyncio.timeout(KEEPALIVE_S):
+                    await lost.wait()
+            except TimeoutError:
+                async with self._link_lock, asyncio.timeout(KEEPALIVE_S):
+                    await conn.fetchval("SELECT 1")
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep before reconnecting, cut short by close()."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._closing.wait()
 
     @asynccontextmanager
     async def _listening(
@@ -972,8 +995,10 @@ class PostgresStorage(SqlStorage):
 
         settings = {"application_name": "bgjobs listener"}  # to find it in pg_stat_activity
         conn = await asyncpg.connect(self._dsn, server_settings=settings)
-        lost = asyncio.Event()
+        lost = self._lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
+        if self._closing.is_set():  # close() came while this connected
+            lost.set()
 
         def event(_conn: object, _pid: int, _channel: str, payload: str) -> None:
             assert on_event is not None
@@ -988,4 +1013,5 @@ class PostgresStorage(SqlStorage):
         finally:
             self._link = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+                async with asyncio.timeout(2):
+                    await conn.close()
