@@ -285,31 +285,38 @@ class QueueService:
         the producer hangs up, so the poll always gets what was committed for it."""
         handed = waiter.handed
         assert handed is not None
-        worker_id, lease_ms = waiter.claim
-        expires = now + timedelta(milliseconds=lease_ms)
-        write = asyncio.ensure_future(self.storage.enqueue_leased(new, now, worker_id, expires))
-
-        def deliver(write: "asyncio.Future[Lease | None]") -> None:
-            if write.cancelled() or write.exception() is not None:
-                handed.set_result([])  # nothing was written: the poll sleeps on
-                return
-            self.observer.enqueued(new.name, 1)
-            self.hub.publish(new.id, new.name, "enqueued", "available", now)
-            lease = write.result()
-            if lease is None:  # paused or limited: only enqueued; polls look for it
-                handed.set_result([])
-                self.notifier.notify(new.name, 1)
-                return
-            handed.set_result([lease])
-            self.observer.leased([lease], now)
-            self.hub.publish(new.id, new.name, "leased", "reserved", now)
-
-        write.add_done_callback(deliver)
+        write = asyncio.ensure_future(self._write_handed(new, now, waiter.claim, handed))
         await asyncio.shield(write)
         return Job(
             new.id, new.name, new.payload, 0, new.max_retries, new.created_at, new.available_at,
             None, None, "available", None, new.priority,
         )  # fmt: skip
+
+    async def _write_handed(
+        self,
+        new: NewJob,
+        now: datetime,
+        claim: tuple[str, int],
+        handed: "asyncio.Future[list[Lease]]",
+    ) -> None:
+        """The hand-off's write, and the poll's answer settled as soon as it commits: in
+        this task, before the producer's resumes, so the lease leaves first (pickup is the
+        worker's latency; the producer's 201 can follow)."""
+        worker_id, lease_ms = claim
+        expires = now + timedelta(milliseconds=lease_ms)
+        try:
+            lease = await self.storage.enqueue_leased(new, now, worker_id, expires)
+        except BaseException:
+            handed.set_result([])  # nothing was written: the poll sleeps on
+            raise
+        handed.set_result([] if lease is None else [lease])
+        self.observer.enqueued(new.name, 1)
+        self.hub.publish(new.id, new.name, "enqueued", "available", now)
+        if lease is None:  # paused or limited: only enqueued; polls look for it
+            self.notifier.notify(new.name, 1)
+            return
+        self.observer.leased([lease], now)
+        self.hub.publish(new.id, new.name, "leased", "reserved", now)
 
     async def enqueue_batch(
         self, specs: Sequence[JobSpec], idempotency_key: str | None = None
@@ -500,7 +507,7 @@ class QueueService:
                 if leases and chained:  # woken without a count: there may be more
                     notifier.chain(dict.fromkeys(lease.job.name for lease in leases))
             # Only a poll that has waited can have lost its client in the meantime.
-            if waiter.admitted and gone is not None and await gone():
+            if waiter.admitted and gone is not None and not handed and await gone():
                 await self._give_back(leases)
                 return []
             remaining = deadline - loop.time()
@@ -509,6 +516,10 @@ class QueueService:
             notifier.parked(waiter)
             woken = await self._wait(waiter, remaining)
             if waiter.handed is not None:
+                # Has the client left while this poll slept? Asked now, while the job
+                # handed to it is being written, so that the answer does not wait for it.
+                if gone is not None and await gone():
+                    return []  # lease() gives the job back once it is written
                 handed = await self._handed(waiter)
                 woken = False  # woken for a hand-off, not by news: if it failed, sleep on
 
