@@ -57,10 +57,14 @@ class Waiter:
             self._notifier._enlist(self)
             self.armed = True
 
-    def wake(self, chained: bool = False) -> None:
+    def take(self) -> None:
+        """Out of the queues: no other wake or hand-off picks it (it is not woken yet)."""
         self.armed = False
-        self.chained = chained
         self._notifier._forget(self)
+
+    def wake(self, chained: bool = False) -> None:
+        self.take()
+        self.chained = chained
         self._event.set()
 
     @property
@@ -164,8 +168,9 @@ class Notifier:
 
     def hand_over(self, name: str) -> Waiter | None:
         """The poll of `name` that has waited longest, if it is asleep: taken out of the
-        queue and woken with `handed`, a future for the job the caller is about to reserve
-        for it (a direct hand-off). None if that poll is busy looking, or there is none."""
+        queue with `handed`, a future for the job the caller is about to reserve for it (a
+        direct hand-off); the caller wakes it once that write is under way. None if that
+        poll is busy looking, or there is none."""
         queue = self._waiting.get(name)
         if not queue or name in self._held:
             return None
@@ -173,7 +178,7 @@ class Notifier:
         if not waiter.sleeping or waiter.claim is None:
             return None
         waiter.handed = asyncio.get_running_loop().create_future()
-        waiter.wake()
+        waiter.take()
         return waiter
 
     def chain(self, names: Iterable[str]) -> None:

@@ -286,6 +286,7 @@ class QueueService:
         handed = waiter.handed
         assert handed is not None
         write = asyncio.ensure_future(self._write_handed(new, now, waiter.claim, handed))
+        waiter.wake()  # after the write is scheduled: the write runs first
         await asyncio.shield(write)
         return Job(
             new.id, new.name, new.payload, 0, new.max_retries, new.created_at, new.available_at,
@@ -516,11 +517,10 @@ class QueueService:
             notifier.parked(waiter)
             woken = await self._wait(waiter, remaining)
             if waiter.handed is not None:
-                # Has the client left while this poll slept? Asked now, while the job
-                # handed to it is being written, so that the answer does not wait for it.
-                if gone is not None and await gone():
-                    return []  # lease() gives the job back once it is written
-                handed = await self._handed(waiter)
+                taken = await self._handed_unless_gone(waiter, gone)
+                if taken is None:
+                    return []
+                handed = taken
                 woken = False  # woken for a hand-off, not by news: if it failed, sleep on
 
     async def _reserve(
@@ -563,6 +563,23 @@ class QueueService:
         """A lease of `name` ended: if the name was at its limit, one poll may take its
         place."""
         self.notifier.release(name)
+
+    async def _handed_unless_gone(
+        self, waiter: Waiter, gone: Callable[[], Awaitable[bool]] | None
+    ) -> list[Lease] | None:
+        """The job handed to this poll; None if its client left while it slept (the job is
+        given back). The client is asked in a task of its own, which starts after the
+        write of the job: the check costs the lease no time."""
+        check = None if gone is None else asyncio.ensure_future(gone())
+        try:
+            handed = await self._handed(waiter)
+            if check is not None and await check:
+                await self._give_back(handed)
+                return None
+        finally:
+            if check is not None and not check.done():
+                check.cancel()
+        return handed
 
     async def _handed(self, waiter: Waiter) -> list[Lease]:
         """The job an enqueue handed to this poll while it slept, once committed (none if
