@@ -1,6 +1,7 @@
 """/leases: workers reserve jobs (long-polling), then ack, fail, extend or release them,
 one at a time or up to 1,000 in one call."""
 
+import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -73,9 +74,21 @@ async def lease_jobs(request: Request) -> Response:
         body.max_jobs,
         body.wait_ms,
         body.lease_ms,
-        gone=request.is_disconnected,
+        gone=lambda: client_gone(request),
     )
     return render.json({"leases": [render.lease(lease) for lease in leases]})
+
+
+async def client_gone(request: Request) -> bool:
+    """Whether the client has hung up, asked without waiting: a receive() that answers
+    at once. Starlette's `is_disconnected` asks the same through an anyio cancel scope,
+    which costs a hand-off's lease several times more."""
+    receive = asyncio.ensure_future(request.receive())
+    await asyncio.sleep(0)  # its first step runs before this resumes
+    if not receive.done():
+        receive.cancel()
+        return False
+    return receive.exception() is None and receive.result().get("type") == "http.disconnect"
 
 
 @router.post(
