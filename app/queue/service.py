@@ -569,7 +569,7 @@ class QueueService:
     ) -> list[Lease] | None:
         """The job handed to this poll; None if its client left while it slept (the job is
         given back). The client is asked in a task of its own, which starts after the
-        write of the job: the check costs the lease no time."""
+        write of the job has: the check never delays the commit."""
         check = None if gone is None else asyncio.ensure_future(gone())
         try:
             handed = await self._handed(waiter)
