@@ -567,12 +567,15 @@ class QueueService:
     async def _handed_unless_gone(
         self, waiter: Waiter, gone: Callable[[], Awaitable[bool]] | None
     ) -> list[Lease] | None:
-        """The job handed to this poll; None if its client left while it slept (the job is
-        given back). The client is asked in a task of its own, which starts after the
-        write of the job has: the check never delays the commit."""
+        """The job an enqueue handed to this poll while it slept, once committed (none if
+        that enqueue failed); None if its client left meanwhile (the job is given back).
+        The client is asked in a task of its own, which starts after the write of the job
+        has: the check never delays the commit."""
+        assert waiter.handed is not None
         check = None if gone is None else asyncio.ensure_future(gone())
         try:
-            handed = await self._handed(waiter)
+            handed: list[Lease] = await asyncio.shield(waiter.handed)
+            waiter.handed = None
             if check is not None and await check:
                 await self._give_back(handed)
                 return None
@@ -580,14 +583,6 @@ class QueueService:
             if check is not None and not check.done():
                 check.cancel()
         return handed
-
-    async def _handed(self, waiter: Waiter) -> list[Lease]:
-        """The job an enqueue handed to this poll while it slept, once committed (none if
-        that enqueue failed)."""
-        assert waiter.handed is not None
-        leases: list[Lease] = await asyncio.shield(waiter.handed)
-        waiter.handed = None
-        return leases
 
     def _give_back_later(self, future: "asyncio.Future[list[Lease]]") -> None:
         """A poll that ended before taking the job handed to it gives it back."""

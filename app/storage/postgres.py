@@ -768,6 +768,13 @@ VOLATILE = frozenset({"reserve", "extend", "release", "probe"})
 ONE_STATEMENT = frozenset({"reserve", "ack", "extend", "enqueue_leased"})
 
 
+async def _close_quietly(conn: Conn) -> None:
+    """Close a connection that may be dead already, within 2 s."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(2):
+            await conn.close()
+
+
 def _one_statement(op: Op, limited: frozenset[str]) -> bool:
     """Whether `op` alone needs no transaction: not a reserve of limited names, which
     locks their rows first and must hold the lock to its commit."""
@@ -862,9 +869,7 @@ class PostgresStorage(SqlStorage):
                 await self._listener
         await super().close()
         for conn in self._conns.values():
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await conn.close()
+            await _close_quietly(conn)
         self._conns.clear()
 
     # -- the writer ---------------------------------------------------------------------
@@ -1012,6 +1017,4 @@ class PostgresStorage(SqlStorage):
             yield conn, lost
         finally:
             self._link = None
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await conn.close()
+            await _close_quietly(conn)
