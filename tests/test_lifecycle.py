@@ -37,6 +37,63 @@ async def test_jobs_reserved_for_a_client_that_left_are_given_back(
             assert [lease["job"]["id"] for lease in taken["leases"]] == [job["id"]]
 
 
+async def waiting_polls(http: httpx.AsyncClient) -> float:
+    """The server's own count of parked long polls (its /metrics gauge)."""
+    metrics = (await http.get("/metrics")).text
+    [line] = [x for x in metrics.splitlines() if x.startswith("bgjobs_long_polls_waiting ")]
+    return float(line.split()[1])
+
+
+async def until_waiting(http: httpx.AsyncClient, count: int, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while (now := await waiting_polls(http)) != count:
+        assert time.monotonic() < deadline, f"{now:.0f} polls waiting, expected {count}"
+        await asyncio.sleep(0.05)
+
+
+async def test_polls_whose_clients_left_stop_waiting_at_once(
+    server_process: Any, db_url: str
+) -> None:
+    """A parked poll whose client hangs up ends then, not when its wait_ms runs out: it
+    gives back its place among BGJOBS_MAX_WAITING_POLLS, and no job is handed to it. Five
+    rounds of 20 polls that fill every place, each with a 60 s wait."""
+    with server_process(database_url=db_url, env={"BGJOBS_MAX_WAITING_POLLS": "20"}) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            for round_ in range(5):
+                clients = [httpx.AsyncClient(base_url=server.url, timeout=90) for _ in range(20)]
+                polls = [
+                    asyncio.create_task(
+                        client.post(
+                            "/leases",
+                            json={"worker_id": f"w{i}", "names": ["idle"], "wait_ms": 60_000},
+                        )
+                    )
+                    for i, client in enumerate(clients)
+                ]
+                await until_waiting(http, 20, within_s=10)
+                for poll in polls:
+                    poll.cancel()
+                for client in clients:
+                    await client.aclose()
+                await until_waiting(http, 0, within_s=5)  # not in 60 s
+                assert all(poll.cancelled() for poll in polls), round_
+            job = await enqueue(http, name="idle")
+            state = (await http.get(f"/jobs/{job['id']}")).json()
+            assert state["state"] == "available" and state["attempts"] == 0, state
+            # Every place is free again: 20 new polls are admitted (none is refused with
+            # a 503), and the first one takes the job.
+            polls = [
+                asyncio.create_task(
+                    http.post("/leases", json={"worker_id": "w", "names": ["idle"], "wait_ms": 300})
+                )
+                for _ in range(20)
+            ]
+            answers = await asyncio.gather(*polls)
+            assert [a.status_code for a in answers] == [200] * 20
+            leased = [lease["job"]["id"] for a in answers for lease in a.json()["leases"]]
+            assert leased == [job["id"]]
+
+
 @pytest.mark.parametrize("launcher", ["bgjobs", "uvicorn"])
 async def test_sigterm_answers_100_open_long_polls_and_exits_promptly(
     server_process: Any, db_url: str, launcher: str

@@ -48,6 +48,7 @@ class Waiter:
         self.sleeping = False  # in wait(), not between a wake and its next look
         self.claim: Any = None  # what a hand-off needs to reserve a job for it (the caller's)
         self.handed: asyncio.Future[Any] | None = None  # a job handed to it, once committed
+        self.hung_up = False  # its client left while it slept: no news woke it
 
     def arm(self) -> None:
         """Listen again; call before checking the database so no wake falls in between."""
@@ -67,9 +68,18 @@ class Waiter:
         self.chained = chained
         self._event.set()
 
+    def hang_up(self) -> None:
+        """Its client left: stop sleeping. No wake came, so none is passed on at the end
+        (unless news had already woken it)."""
+        if not self._event.is_set():
+            self.take()
+            self.hung_up = True
+            self._event.set()
+
     @property
     def woken(self) -> bool:
-        return self._event.is_set()
+        """Woken by news (or a hand-off), not by its client leaving."""
+        return self._event.is_set() and not self.hung_up
 
     async def wait(self, seconds: float) -> bool:
         """True if woken, False if `seconds` passed first."""

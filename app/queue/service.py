@@ -211,6 +211,37 @@ def _log_expiry(lease: ExpiredLease, outcome: FailOutcome) -> None:
     )
 
 
+class Client:
+    """A long poll's client, as far as the poll cares: whether it has hung up. Watched
+    only once the poll sleeps, so a poll that answers at once pays nothing for it; its
+    hang-up ends the sleep."""
+
+    def __init__(self, hangup: Callable[[], Awaitable[None]] | None) -> None:
+        self._hangup = hangup
+        self._watch: asyncio.Future[None] | None = None
+
+    @property
+    def gone(self) -> bool:
+        watch = self._watch
+        return watch is not None and watch.done() and not watch.cancelled()
+
+    def watch(self, waiter: Waiter) -> None:
+        if self._hangup is not None and self._watch is None:
+            self._watch = asyncio.ensure_future(self._hangup())
+            self._watch.add_done_callback(lambda watch: self._left(watch, waiter))
+
+    @staticmethod
+    def _left(watch: "asyncio.Future[None]", waiter: Waiter) -> None:
+        if not watch.cancelled():
+            if watch.exception() is not None:  # a broken link is a client gone, too
+                log.debug("watching a long poll's client failed: %r", watch.exception())
+            waiter.hang_up()
+
+    def forget(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+
 class QueueService:
     def __init__(
         self,
@@ -468,21 +499,24 @@ class QueueService:
         max_jobs: int,
         wait_ms: int,
         lease_ms: int,
-        gone: Callable[[], Awaitable[bool]] | None = None,
+        hangup: Callable[[], Awaitable[None]] | None = None,
     ) -> list[Lease]:
         """Reserve now, or wait up to `wait_ms` for a job to be enqueued or come due.
 
         A waiting poll touches the database only when woken: while the notifier knows
         that none of its names has a ready job, it does not look at all (see notifier).
-        `gone` tells whether the client has hung up: jobs reserved for a client that left
-        are given back at once instead of waiting for their lease to expire.
+        `hangup` returns when the client hangs up: a poll whose client left stops waiting
+        at once (it would hold a place among the bounded polls until `wait_ms`), and jobs
+        reserved for it are given back instead of waiting for their lease to expire.
         """
         deadline = asyncio.get_running_loop().time() + wait_ms / 1000
+        client = Client(hangup)
         with self.notifier.waiter(dict.fromkeys(names)) as waiter:
             waiter.claim = (worker_id, lease_ms)  # lets an enqueue hand its job over
             try:
-                return await self._poll(waiter, max_jobs, lease_ms, deadline, gone)
+                return await self._poll(waiter, max_jobs, lease_ms, deadline, client)
             finally:
+                client.forget()
                 if waiter.handed is not None:  # cancelled before it took its job
                     waiter.handed.add_done_callback(self._give_back_later)
 
@@ -492,7 +526,7 @@ class QueueService:
         max_jobs: int,
         lease_ms: int,
         deadline: float,
-        gone: Callable[[], Awaitable[bool]] | None,
+        client: "Client",
     ) -> list[Lease]:
         """Look, sleep until woken or handed a job, look again: until leases or the end."""
         loop = asyncio.get_running_loop()
@@ -500,6 +534,8 @@ class QueueService:
         woken = False
         handed: list[Lease] = []
         while True:
+            if client.gone and not handed:  # left while the poll slept: no reserve for it
+                return []
             chained = waiter.chained
             waiter.arm()
             leases = handed
@@ -507,17 +543,17 @@ class QueueService:
                 leases = await self._reserve(names, worker_id, max_jobs, lease_ms)
                 if leases and chained:  # woken without a count: there may be more
                     notifier.chain(dict.fromkeys(lease.job.name for lease in leases))
-            # Only a poll that has waited can have lost its client in the meantime.
-            if waiter.admitted and gone is not None and not handed and await gone():
+            if client.gone and not handed:  # left during the reserve
                 await self._give_back(leases)
                 return []
             remaining = deadline - loop.time()
             if leases or remaining <= 0 or self.stopping:
                 return leases
+            client.watch(waiter)
             notifier.parked(waiter)
             woken = await self._wait(waiter, remaining)
             if waiter.handed is not None:
-                taken = await self._handed_unless_gone(waiter, gone)
+                taken = await self._handed_unless_gone(waiter, client)
                 if taken is None:
                     return []
                 handed = taken
@@ -564,24 +600,15 @@ class QueueService:
         place."""
         self.notifier.release(name)
 
-    async def _handed_unless_gone(
-        self, waiter: Waiter, gone: Callable[[], Awaitable[bool]] | None
-    ) -> list[Lease] | None:
+    async def _handed_unless_gone(self, waiter: Waiter, client: "Client") -> list[Lease] | None:
         """The job an enqueue handed to this poll while it slept, once committed (none if
-        that enqueue failed); None if its client left meanwhile (the job is given back).
-        The client is asked in a task of its own, which starts after the write of the job
-        has: the check never delays the commit."""
+        that enqueue failed); None if its client left meanwhile (the job is given back)."""
         assert waiter.handed is not None
-        check = None if gone is None else asyncio.ensure_future(gone())
-        try:
-            handed: list[Lease] = await asyncio.shield(waiter.handed)
-            waiter.handed = None
-            if check is not None and await check:
-                await self._give_back(handed)
-                return None
-        finally:
-            if check is not None and not check.done():
-                check.cancel()
+        handed: list[Lease] = await asyncio.shield(waiter.handed)
+        waiter.handed = None
+        if client.gone:
+            await self._give_back(handed)
+            return None
         return handed
 
     def _give_back_later(self, future: "asyncio.Future[list[Lease]]") -> None:
