@@ -170,6 +170,35 @@ async def test_a_poll_cancelled_before_it_takes_its_job_gives_it_back(
     assert lease.job.id == job.id
 
 
+async def test_a_job_handed_to_a_poll_whose_client_leaves_during_its_write_comes_back(
+    service: QueueService,
+) -> None:
+    """The client hangs up after its poll was picked for a hand-off, while the job's
+    write is under way: the poll answers nothing, and the job is available again at once
+    with the attempt not counted (not leased to nobody until its lease runs out)."""
+    await settle_listener(service)
+    left = asyncio.Event()
+    polling = asyncio.create_task(
+        service.lease("w", ["mail"], 1, 10_000, 600_000, hangup=left.wait)
+    )
+    await parked(service, 1)
+    enqueuing = asyncio.create_task(service.enqueue("mail", "p", 0))
+    await asyncio.sleep(0)  # the enqueue has picked the poll and started the write
+    assert service.notifier._waiting == {}
+    left.set()
+    job, created = await enqueuing
+    assert created
+    assert await polling == []
+    for _ in range(200):
+        back = await service.get(job.id)
+        if back.state == "available":
+            break
+        await asyncio.sleep(0.01)
+    assert (back.state, back.attempts) == ("available", 0)
+    [lease] = await service.lease("w2", ["mail"], 1, 0, 1000)
+    assert lease.job.id == job.id
+
+
 async def test_a_failed_hand_over_leaves_the_poll_asleep_for_the_next_job(
     tmp_path: Path,
 ) -> None:

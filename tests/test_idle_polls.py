@@ -38,6 +38,33 @@ async def parked(service: QueueService, count: int) -> None:
     raise AssertionError(f"only {service._waiting} of {count} polls parked")
 
 
+async def test_polls_whose_clients_leave_end_without_a_write_or_a_wake(
+    service: QueueService,
+) -> None:
+    """Parked polls whose clients hang up end at once, and nothing follows: no reserve for
+    a client that is gone, and no wake passed on to the polls still waiting (a hang-up is
+    not news of a job)."""
+    listening = getattr(service.storage, "listening", None)
+    if listening is not None:
+        await asyncio.wait_for(listening.wait(), 10)
+    staying = asyncio.create_task(service.lease("stays", ["idle"], 1, 10_000, 60_000))
+    left = [asyncio.Event() for _ in range(10)]
+    leaving = [
+        asyncio.create_task(service.lease(f"w{i}", ["idle"], 1, 10_000, 60_000, event.wait))
+        for i, event in enumerate(left)
+    ]
+    await parked(service, 11)
+    before = writes(service)
+    for event in left:
+        event.set()
+    assert await asyncio.wait_for(asyncio.gather(*leaving), 5) == [[]] * 10
+    await asyncio.sleep(0.2)
+    assert service.waiting == 1 and not staying.done()  # not woken by the others leaving
+    assert writes(service) == before
+    service.stop_waiting()
+    assert await staying == []
+
+
 async def test_100_parked_polls_write_nothing_for_2_seconds(
     client: httpx.AsyncClient, service: QueueService
 ) -> None:
