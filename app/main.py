@@ -65,6 +65,21 @@ def _operation_id(route: APIRoute) -> str:
     return route.operation_id or route.name
 
 
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper cyclic collections under load.
+
+    Everything built at start lives as long as the process: frozen, it is never scanned
+    again (profiled: a quarter of a request's CPU went to collections over it). What a
+    full collection still scans grows with the open requests: 1,000 parked long polls are
+    about 100,000 objects, and a full collection then took 60-75 ms; at Python's default
+    thresholds one ran every 13,000 jobs of batch enqueue, which fell from 50,000-58,000
+    to 34,000-42,000 jobs/s. A first generation of 10,000 objects (not 700) makes every
+    kind of collection about twenty times rarer; nearly all objects a request makes are
+    freed by reference counting long before that."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
     """Build the app; the database is opened at start-up, never at import."""
     settings = settings or Settings()
@@ -117,10 +132,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             ),
         ]
         undo_signals = on_stop_signal(service.stop_waiting)
-        # Everything built so far lives as long as the process: keep the cyclic garbage
-        # collector from scanning it again and again under load (profiled: a quarter of
-        # a request's CPU went to collections over these objects).
-        gc.freeze()
+        tune_garbage_collector()
         try:
             yield
         finally:

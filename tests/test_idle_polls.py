@@ -2,6 +2,7 @@
 wakes its waiter by the due timer, never by a late recheck (the missed-wake race)."""
 
 import asyncio
+import gc
 import random
 import sqlite3
 from collections import Counter
@@ -63,6 +64,16 @@ async def test_polls_whose_clients_leave_end_without_a_write_or_a_wake(
     assert writes(service) == before
     service.stop_waiting()
     assert await staying == []
+
+
+async def test_the_garbage_collector_is_tuned_while_the_app_runs(
+    client: httpx.AsyncClient,
+) -> None:
+    """Parked polls are many live objects: the app freezes what it built at start and
+    collects its first generation every 10,000 objects, not 700 (app.main)."""
+    assert (await client.get("/healthz")).status_code == 200
+    assert gc.get_freeze_count() > 10_000
+    assert gc.get_threshold() == (10_000, 10, 10)
 
 
 async def test_100_parked_polls_write_nothing_for_2_seconds(
