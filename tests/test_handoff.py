@@ -140,6 +140,19 @@ async def test_only_a_sleeping_poll_is_handed_a_job_and_only_one(
     assert writes(service) - before == Counter({"enqueue": 1, "enqueue_leased": 2})
 
 
+async def comes_back(service: QueueService, job_id: str) -> None:
+    """The job is soon available again, its attempt not counted, and the next poll takes
+    it."""
+    for _ in range(200):
+        back = await service.get(job_id)
+        if back.state == "available":
+            break
+        await asyncio.sleep(0.01)
+    assert (back.state, back.attempts) == ("available", 0)
+    [lease] = await service.lease("w2", ["mail"], 1, 0, 1000)
+    assert lease.job.id == job_id
+
+
 async def test_a_poll_cancelled_before_it_takes_its_job_gives_it_back(
     service: QueueService,
 ) -> None:
@@ -160,14 +173,7 @@ async def test_a_poll_cancelled_before_it_takes_its_job_gives_it_back(
     new = service._new_job(JobSpec("mail", "p", 0), now, new_job_id())
     job = await service._hand_over(new, now, waiter)
     assert (job.state, job.attempts) == ("available", 0)
-    for _ in range(200):
-        back = await service.get(job.id)
-        if back.state == "available":
-            break
-        await asyncio.sleep(0.01)
-    assert (back.state, back.attempts) == ("available", 0)
-    [lease] = await service.lease("w2", ["mail"], 1, 0, 1000)
-    assert lease.job.id == job.id
+    await comes_back(service, job.id)
 
 
 async def test_a_job_handed_to_a_poll_whose_client_leaves_during_its_write_comes_back(
@@ -189,14 +195,7 @@ async def test_a_job_handed_to_a_poll_whose_client_leaves_during_its_write_comes
     job, created = await enqueuing
     assert created
     assert await polling == []
-    for _ in range(200):
-        back = await service.get(job.id)
-        if back.state == "available":
-            break
-        await asyncio.sleep(0.01)
-    assert (back.state, back.attempts) == ("available", 0)
-    [lease] = await service.lease("w2", ["mail"], 1, 0, 1000)
-    assert lease.job.id == job.id
+    await comes_back(service, job.id)
 
 
 async def test_a_failed_hand_over_leaves_the_poll_asleep_for_the_next_job(

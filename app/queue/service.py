@@ -216,9 +216,9 @@ class Client:
     only once the poll sleeps, so a poll that answers at once pays nothing for it; its
     hang-up ends the sleep."""
 
-    def __init__(self, hangup: Callable[[], Awaitable[None]] | None) -> None:
+    def __init__(self, hangup: Callable[[], Awaitable[object]] | None) -> None:
         self._hangup = hangup
-        self._watch: asyncio.Future[None] | None = None
+        self._watch: asyncio.Future[object] | None = None
 
     @property
     def gone(self) -> bool:
@@ -231,7 +231,7 @@ class Client:
             self._watch.add_done_callback(lambda watch: self._left(watch, waiter))
 
     @staticmethod
-    def _left(watch: "asyncio.Future[None]", waiter: Waiter) -> None:
+    def _left(watch: "asyncio.Future[object]", waiter: Waiter) -> None:
         if not watch.cancelled():
             if watch.exception() is not None:  # a broken link is a client gone, too
                 log.debug("watching a long poll's client failed: %r", watch.exception())
@@ -499,7 +499,7 @@ class QueueService:
         max_jobs: int,
         wait_ms: int,
         lease_ms: int,
-        hangup: Callable[[], Awaitable[None]] | None = None,
+        hangup: Callable[[], Awaitable[object]] | None = None,
     ) -> list[Lease]:
         """Reserve now, or wait up to `wait_ms` for a job to be enqueued or come due.
 
