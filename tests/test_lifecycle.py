@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import enqueue
+from tests.test_observability import scrape, value
 
 
 async def test_jobs_reserved_for_a_client_that_left_are_given_back(
@@ -37,16 +38,10 @@ async def test_jobs_reserved_for_a_client_that_left_are_given_back(
             assert [lease["job"]["id"] for lease in taken["leases"]] == [job["id"]]
 
 
-async def waiting_polls(http: httpx.AsyncClient) -> float:
-    """The server's own count of parked long polls (its /metrics gauge)."""
-    metrics = (await http.get("/metrics")).text
-    [line] = [x for x in metrics.splitlines() if x.startswith("bgjobs_long_polls_waiting ")]
-    return float(line.split()[1])
-
-
 async def until_waiting(http: httpx.AsyncClient, count: int, within_s: float) -> None:
+    """Until the server's own gauge of parked long polls reads `count`."""
     deadline = time.monotonic() + within_s
-    while (now := await waiting_polls(http)) != count:
+    while (now := value(await scrape(http), "bgjobs_long_polls_waiting")) != count:
         assert time.monotonic() < deadline, f"{now:.0f} polls waiting, expected {count}"
         await asyncio.sleep(0.05)
 

@@ -526,7 +526,7 @@ class QueueService:
         max_jobs: int,
         lease_ms: int,
         deadline: float,
-        client: "Client",
+        client: Client,
     ) -> list[Lease]:
         """Look, sleep until woken or handed a job, look again: until leases or the end."""
         loop = asyncio.get_running_loop()
@@ -600,7 +600,7 @@ class QueueService:
         place."""
         self.notifier.release(name)
 
-    async def _handed_unless_gone(self, waiter: Waiter, client: "Client") -> list[Lease] | None:
+    async def _handed_unless_gone(self, waiter: Waiter, client: Client) -> list[Lease] | None:
         """The job an enqueue handed to this poll while it slept, once committed (none if
         that enqueue failed); None if its client left meanwhile (the job is given back)."""
         assert waiter.handed is not None
