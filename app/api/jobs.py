@@ -12,6 +12,7 @@ from app.api.body import documented, parse
 from app.api.deps import Service
 from app.api.errors import responses
 from app.api.schemas import (
+    NO_NUL_PATTERN,
     AnyJobOut,
     EnqueueBatchRequest,
     EnqueueRequest,
@@ -21,6 +22,7 @@ from app.api.schemas import (
     JobOut,
     JobPage,
     JobsOut,
+    NoNul,
     SucceededJobPage,
 )
 from app.queue.models import AnyJob, Job
@@ -35,8 +37,11 @@ Search = Annotated[
         max_length=200,
         description="Only jobs whose payload (or exception) contains this text, case-sensitive. "
         "A bounded scan: each call reads at most 10,000 jobs, so a page may hold fewer "
-        "matches than `limit` (even none) with a `next_cursor` to go on searching.",
+        "matches than `limit` (even none) with a `next_cursor` to go on searching. "
+        "Any text but NUL (\\u0000), which no job can hold.",
+        json_schema_extra={"pattern": NO_NUL_PATTERN},
     ),
+    NoNul,
 ]
 NameFilter = Annotated[
     str | None,
