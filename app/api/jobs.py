@@ -31,7 +31,7 @@ from app.queue.service import GROUP_SCAN, JobSpec, QueueService
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 Search = Annotated[
-    str | None,
+    Annotated[str, NoNul] | None,  # the rule checks text; an absent q is None
     Query(
         min_length=1,
         max_length=200,
@@ -41,7 +41,6 @@ Search = Annotated[
         "Any text but NUL (\\u0000), which no job can hold.",
         json_schema_extra={"pattern": NO_NUL_PATTERN},
     ),
-    NoNul,
 ]
 NameFilter = Annotated[
     str | None,
